@@ -1,0 +1,33 @@
+"""horovod-nuq: provably unbiased gradient quantizers for Horovod (PyTorch and TensorFlow).
+
+    import horovod.torch as hvd
+    from horovod_nuq import NUQCompressor
+    opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                   compression=NUQCompressor(bits=4))
+"""
+from .compressor import (
+                         COMPRESSORS,
+                         Compressor,
+                         GlobalQSGDCompressor,
+                         NUQCompressor,
+                         QSGDCompressor,
+                         QSGDInfCompressor,
+                         TNQCompressor,
+)
+from .schemes import Scheme, make_scheme
+from .stats import WireStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+                         "COMPRESSORS",
+                         "Compressor",
+                         "GlobalQSGDCompressor",
+                         "NUQCompressor",
+                         "QSGDCompressor",
+                         "QSGDInfCompressor",
+                         "Scheme",
+                         "TNQCompressor",
+                         "WireStats",
+                         "make_scheme",
+]

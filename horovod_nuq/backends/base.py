@@ -1,0 +1,81 @@
+"""The interface every array backend implements (NumPy, PyTorch, TensorFlow)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+Array = Any
+
+
+class Backend:
+    """Tensor operations used by the codec; arithmetic and comparisons use Python operators."""
+
+    name = "abstract"
+    _instance: Backend | None = None
+
+    @classmethod
+    def instance(cls) -> Backend:
+        if cls.__dict__.get("_instance") is None:
+            cls._instance = cls()
+        return cls._instance
+
+    # ---- shape and type -------------------------------------------------------------
+    def numel(self, x: Array) -> int: ...
+    def shape(self, x: Array) -> tuple[int, ...]: ...
+    def reshape(self, x: Array, shape: Sequence[int]) -> Array: ...
+    def cast(self, x: Array, dtype: str) -> Array:
+        """dtype is one of 'float32', 'float64', 'int64', 'int32', 'uint8', 'bool'."""
+    def dtype_name(self, x: Array) -> str: ...
+    def is_floating(self, x: Array) -> bool: ...
+    def pad_to(self, flat: Array, n: int) -> Array:
+        """Append zeros to a 1-d array up to length n."""
+    def concat(self, xs: Sequence[Array]) -> Array: ...
+    def split(self, x: Array, sizes: Sequence[int]) -> list[Array]: ...
+    def bitcast(self, x: Array, dtype: str) -> Array:
+        """Reinterpret the bytes of a 1-d array as another dtype (1-d result)."""
+
+    # ---- constants --------------------------------------------------------------------
+    def constant(self, value: np.ndarray, like: Array) -> Array:
+        """`value` as an array on `like`'s device (cached by the caller)."""
+    def device_key(self, x: Array) -> Any:
+        return None
+
+    def can_cache(self, x: Array) -> bool:
+        """Whether constants made for `x` may be reused by later calls."""
+        return True
+
+    # ---- elementwise and reductions ---------------------------------------------------
+    def abs(self, x: Array) -> Array: ...
+    def sqrt(self, x: Array) -> Array: ...
+    def floor(self, x: Array) -> Array: ...
+    def round(self, x: Array) -> Array: ...
+    def minimum(self, x: Array, y: Any) -> Array: ...
+    def maximum(self, x: Array, y: Any) -> Array: ...
+    def where(self, cond: Array, x: Array, y: Array) -> Array: ...
+    def row_sum(self, x: Array) -> Array: ...
+    def row_max(self, x: Array) -> Array: ...
+    def max_all(self, x: Array) -> Array: ...
+    def all_finite(self, x: Array) -> bool: ...
+    def take(self, table: Array, idx: Array) -> Array: ...
+    def searchsorted(self, sorted_: Array, x: Array) -> Array:
+        """Index i with sorted_[i-1] <= x < sorted_[i] (numpy side='right'), int64."""
+
+    # ---- integer bit operations -------------------------------------------------------
+    def shl(self, x: Array, bits: Array) -> Array: ...
+    def shr(self, x: Array, bits: Array) -> Array: ...
+    def bit_and(self, x: Array, mask: int) -> Array: ...
+
+    # ---- randomness -------------------------------------------------------------------
+    def uniform(self, shape: Sequence[int], like: Array, state: Any) -> Array:
+        """U[0, 1) float32 draws from the generator `state` made by `make_rng`."""
+    def make_rng(self, seed: int, like: Array) -> Any: ...
+
+    def require(self, ok: Array, message: str) -> None:
+        """Raise ValueError(message) unless the boolean scalar `ok` holds (an assert op in graphs)."""
+        if not bool(ok):
+            raise ValueError(message)
+
+    # ---- bridging ---------------------------------------------------------------------
+    def to_numpy(self, x: Array) -> np.ndarray: ...

@@ -1,0 +1,223 @@
+"""Horovod compression plugins: one class per scheme, working on torch and tf tensors alike.
+
+Horovod calls `compress(tensor) -> (payload, ctx)`, reduces the payload, then calls
+`decompress(payload, ctx)`. Two protocols (see docs/design.md):
+- "allreduce": all ranks agree on a per-bucket scale (a tiny Max allreduce), quantize onto
+  that shared grid and send summable float64 words, so stock hvd.DistributedOptimizer,
+  DistributedGradientTape and hvd.allreduce carry it under op Average or Sum;
+- "allgather": each rank sends its own scales and bit-packed codes (the papers' form);
+  Horovod's optimizers cannot route this, so use horovod_nuq.torch.DistributedOptimizer or
+  horovod_nuq.tensorflow.DistributedGradientTape.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import codec, schemes, wire
+from .backends import Backend, backend_for
+from .stats import WireStats
+
+PROTOCOLS = ("allreduce", "allgather")
+_COLLECTIVES = {"torch": "horovod_nuq.torch.collectives",
+                "tensorflow": "horovod_nuq.tensorflow.collectives"}
+
+
+@dataclass(frozen=True)
+class Context:
+    """What decompress needs besides the payload; identical on every rank."""
+
+    shape: tuple
+    dtype: str
+    numel: int
+    n_buckets: int
+    scale: Any = None  # protocol "allreduce": the agreed per-bucket scales
+    average: bool = True  # protocol "allgather": average (op Average) or sum (op Sum)
+
+
+class Compressor:
+    """A quantizing Horovod compressor. Subclasses fix the scheme; keywords configure it.
+
+    bits / levels: code size per coordinate (sign included) or number of non-zero levels.
+    bucket_size: coordinates that share one scale. seed: reproducible rounding (each rank
+    draws its own stream from (seed, rank)). protocol: "allreduce" or "allgather".
+    process_set: the Horovod process set the tensors are reduced over (default: all ranks).
+    """
+
+    scheme_name = ""
+    shared_scale_only = False
+
+    def __init__(self, bits: int | None = None, *, levels: int | None = None,
+                 bucket_size: int = 512, seed: int | None = None, protocol: str = "allreduce",
+                 process_set: Any = None, **scheme_options: Any) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        if self.shared_scale_only and protocol != "allreduce":
+            raise ValueError(f"{type(self).__name__} shares one scale across ranks, which only the "
+                             "'allreduce' protocol does; use protocol='allreduce'")
+        self.scheme = schemes.make_scheme(self.scheme_name, bits=bits, levels=levels,
+                                          bucket_size=bucket_size, **scheme_options)
+        self.protocol = protocol
+        self.process_set = process_set
+        self.seed = seed
+        self.stats = WireStats()
+        self._tables = codec.Tables(self.scheme)
+        self._rngs: dict[Any, Any] = {}
+        self._layouts: dict[int, wire.SumLayout] = {}
+        self._config_id = float(zlib.crc32(self.scheme.describe().encode()) % (1 << 24))
+        if protocol == "allreduce":
+            self._layout(1)  # refuse now what cannot be packed even for one rank
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.scheme.describe()}, protocol={self.protocol!r})"
+
+    # ---- Horovod's compression API (protocol "allreduce") ------------------------------
+    def compress(self, tensor: Any) -> tuple[Any, Context]:
+        """Quantize onto the ranks' shared grid; return summable float64 words and the context."""
+        if self.protocol != "allreduce":
+            raise RuntimeError(
+                f"{self!r} sends per-rank codes with allgather, which Horovod's own optimizers "
+                "cannot route. Use horovod_nuq.torch.DistributedOptimizer / "
+                "horovod_nuq.tensorflow.DistributedGradientTape, or protocol='allreduce'.")
+        xp, coll = self._frontend(tensor)
+        v, ctx = self._prepare(xp, tensor)
+        r = codec.local_scale(xp, v, self.scheme, ctx.numel)
+        r = self._agree_scale(xp, coll, r)
+        idx = codec.quantize(xp, v, r, self._tables, self._uniform(xp, coll, v))
+        layout = self._layout(coll.size(self.process_set))
+        payload = wire.pack_sums(xp, codec.numerators(xp, idx, self._tables), layout)
+        coll.record(self.stats, layout.payload_bytes(xp.numel(v)) + 4 * (ctx.n_buckets + 2),
+                    ctx.numel)
+        return payload, Context(ctx.shape, ctx.dtype, ctx.numel, ctx.n_buckets, r)
+
+    def decompress(self, payload: Any, ctx: Context) -> Any:
+        """Decode the reduced words: the average (op Average) or sum (op Sum) of the ranks' Q(v)."""
+        if ctx.scale is None:  # routed by horovod_nuq's optimizer/tape through allgather
+            return self.decompress_gathered(payload, ctx, ctx.average)
+        xp = backend_for(payload)
+        coll = self._collectives(xp)
+        ranks = coll.size(self.process_set)
+        padded = ctx.n_buckets * self.scheme.bucket_size
+        sums, sentinel = wire.unpack_sums(xp, payload, self._layout(ranks), padded)
+        sums = xp.reshape(sums, [ctx.n_buckets, self.scheme.bucket_size])
+        total = codec.from_numerator_sums(xp, sums, ctx.scale, self._tables)
+        out = total * xp.cast(sentinel / np.float64(ranks), "float32")
+        return codec.from_buckets(xp, out, ctx.numel, ctx.shape, ctx.dtype)
+
+    # ---- protocol "allgather" ----------------------------------------------------------
+    def compress_for_allgather(self, tensor: Any) -> tuple[Any, Context]:
+        """This rank's float32 scales and bit-packed codes as one uint8 payload."""
+        xp, coll = self._frontend(tensor)
+        v, ctx = self._prepare(xp, tensor)
+        r = codec.local_scale(xp, v, self.scheme, ctx.numel)
+        idx = codec.quantize(xp, v, r, self._tables, self._uniform(xp, coll, v))
+        payload = xp.concat([xp.bitcast(r, "uint8"),
+                             wire.pack_codes(xp, idx, self._tables.k, self.scheme.code_bits)])
+        coll.record(self.stats, xp.numel(payload), ctx.numel)
+        return payload, ctx
+
+    def payload_bytes(self, numel: int, ranks: int | None = None) -> int:
+        """Bytes one rank hands to the collective for a tensor of `numel` elements."""
+        nb = codec.n_buckets(numel, self.scheme.bucket_size)
+        if self.protocol == "allgather":
+            return 4 * nb + wire.packed_code_bytes(nb * self.scheme.bucket_size, self.scheme.code_bits)
+        layout = self._layout(ranks if ranks is not None else 1)
+        return layout.payload_bytes(nb * self.scheme.bucket_size) + 4 * (nb + 2)
+
+    def decompress_gathered(self, gathered: Any, ctx: Context, average: bool = True) -> Any:
+        """Decode every rank's payload in rank order and return their average (or sum)."""
+        xp = backend_for(gathered)
+        nb, bs = ctx.n_buckets, self.scheme.bucket_size
+        per_rank = 4 * nb + wire.packed_code_bytes(nb * bs, self.scheme.code_bits)
+        total = xp.numel(gathered)
+        if per_rank == 0 or total % per_rank:
+            raise ValueError(f"allgather payload of {total} bytes is not a whole number of "
+                             f"{per_rank}-byte rank payloads for a tensor of {ctx.numel} elements: "
+                             "ranks used different compressor settings or tensor shapes")
+        ranks = total // per_rank
+        acc = None
+        for part in xp.split(xp.reshape(gathered, [-1]), [per_rank] * ranks):
+            scale_bytes, codes = xp.split(part, [4 * nb, per_rank - 4 * nb])
+            r = xp.bitcast(scale_bytes, "float32")
+            idx = wire.unpack_codes(xp, codes, self._tables.k, self.scheme.code_bits, nb * bs)
+            q = codec.dequantize(xp, xp.reshape(idx, [nb, bs]), r, self._tables)
+            acc = q if acc is None else acc + q
+        if average:
+            acc = acc / np.float32(ranks)
+        return codec.from_buckets(xp, acc, ctx.numel, ctx.shape, ctx.dtype)
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _frontend(self, tensor: Any) -> tuple[Backend, Any]:
+        xp = backend_for(tensor)
+        if not xp.is_floating(tensor):
+            raise TypeError(
+                f"{type(self).__name__} quantizes floating-point gradients (float16, bfloat16, "
+                f"float32, float64); got {xp.dtype_name(tensor)}. Reduce integer tensors "
+                "without compression.")
+        return xp, self._collectives(xp)
+
+    def _collectives(self, xp: Backend) -> Any:
+        name = _COLLECTIVES.get(xp.name, "horovod_nuq.local")
+        return sys.modules.get(name) or importlib.import_module(name)
+
+    def _prepare(self, xp: Backend, tensor: Any) -> tuple[Any, Context]:
+        numel = xp.numel(tensor)
+        v = codec.to_buckets(xp, tensor, self.scheme.bucket_size)
+        return v, Context(xp.shape(tensor), xp.dtype_name(tensor), numel, xp.shape(v)[0])
+
+    def _agree_scale(self, xp: Backend, coll: Any, r: Any) -> Any:
+        """Max over ranks of the per-bucket scales, plus a check that all ranks share one config."""
+        cid = np.array([self._config_id, -self._config_id], dtype=np.float32)
+        agreed = coll.allreduce_max(xp.concat([r, xp.constant(cid, r)]), self.process_set)
+        nb = xp.shape(r)[0]
+        r, ids = xp.split(agreed, [nb, 2])
+        # ids = [max_i id_i, -min_i id_i]: they cancel exactly when every rank has the same id
+        xp.require(xp.max_all(xp.abs(xp.row_sum(xp.reshape(ids, [1, 2])))) == 0,
+                   f"ranks use different compressor settings for a tensor of {nb} buckets; this "
+                   f"rank uses {self.scheme.describe()}. Give every rank the same compressor.")
+        return r
+
+    def _layout(self, ranks: int) -> wire.SumLayout:
+        if ranks not in self._layouts:
+            bound = self.scheme.levels.denominator
+            self._layouts[ranks] = wire.SumLayout(bound, ranks).check()
+        return self._layouts[ranks]
+
+    def _uniform(self, xp: Backend, coll: Any, v: Any) -> Any:
+        key = (xp.name, xp.device_key(v))
+        if key not in self._rngs:
+            rank = coll.rank()
+            entropy = [self.seed, rank] if self.seed is not None else [int.from_bytes(os.urandom(8), "little"), rank]
+            seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+            self._rngs[key] = coll.make_rng(xp, seed, v)
+        return xp.uniform(xp.shape(v), v, self._rngs[key])
+
+
+def _compressor(name: str, scheme: str, doc: str, shared_scale_only: bool = False) -> type:
+    return type(name, (Compressor,), {"scheme_name": scheme, "__doc__": doc,
+                                      "shared_scale_only": shared_scale_only})
+
+
+QSGDCompressor = _compressor("QSGDCompressor", "qsgd",
+                             "QSGD: uniform levels, L2 scale per bucket (default 4 bits, bucket 512).")
+QSGDInfCompressor = _compressor("QSGDInfCompressor", "qsgdinf",
+                                "QSGDinf: uniform levels, max-norm scale per bucket.")
+NUQCompressor = _compressor("NUQCompressor", "nuqsgd",
+                            "NUQSGD: exponentially spaced levels {0, 2^-(k-1), ..., 1/2, 1}, L2 scale.")
+TNQCompressor = _compressor("TNQCompressor", "tnqsgd",
+                            "TNQSGD: truncation at alpha = c * mean|v| and non-uniform levels (biased).")
+GlobalQSGDCompressor = _compressor("GlobalQSGDCompressor", "globalqsgd",
+                                   "Global-QSGD: a scale shared by all ranks; linear or exponential levels.",
+                                   shared_scale_only=True)
+
+COMPRESSORS = {"qsgd": QSGDCompressor, "qsgdinf": QSGDInfCompressor, "nuq": NUQCompressor,
+               "nuqsgd": NUQCompressor, "tnq": TNQCompressor, "tnqsgd": TNQCompressor,
+               "globalqsgd": GlobalQSGDCompressor}

@@ -1,0 +1,72 @@
+"""Bytes on the wire: what a compressor handed to Horovod, next to float32 and float16."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class WireStats:
+    """Running totals of payload bytes handed to collectives, and the float32 bytes they replace.
+
+    `mark_step()` closes a training step; `steps` then lists bytes sent per step.
+    """
+
+    _sent: int = 0
+    _float32: int = 0
+    _count: int = 0
+    steps: list = field(default_factory=list)
+    _step_start: int = 0
+    _graph_counters: object = None  # set by the TensorFlow frontend for graph-mode counting
+
+    def record(self, sent: int, numel: int) -> None:
+        self._sent += int(sent)
+        self._float32 += 4 * int(numel)
+        self._count += 1
+
+    def _totals(self) -> tuple[int, int, int]:
+        extra = self._graph_counters.read() if self._graph_counters is not None else (0, 0, 0)
+        return self._sent + extra[0], self._float32 + extra[1], self._count + extra[2]
+
+    @property
+    def tensors(self) -> int:
+        """Tensors compressed so far."""
+        return self._totals()[2]
+
+    @property
+    def total_bytes(self) -> int:
+        return self._totals()[0]
+
+    @property
+    def total_float32_bytes(self) -> int:
+        return self._totals()[1]
+
+    @property
+    def ratio_vs_float32(self) -> float:
+        sent, f32, _ = self._totals()
+        return f32 / sent if sent else float("nan")
+
+    @property
+    def ratio_vs_float16(self) -> float:
+        sent, f32, _ = self._totals()
+        return f32 / 2 / sent if sent else float("nan")
+
+    def mark_step(self) -> int:
+        """Close a step; return the bytes sent during it."""
+        total = self.total_bytes
+        sent = total - self._step_start
+        self.steps.append(sent)
+        self._step_start = total
+        return sent
+
+    def reset(self) -> None:
+        self._sent = self._float32 = self._count = self._step_start = 0
+        self.steps.clear()
+        if self._graph_counters is not None:
+            self._graph_counters.reset()
+
+    def summary(self) -> str:
+        sent, f32, n = self._totals()
+        if not sent:
+            return "no tensors compressed yet"
+        return (f"{n} tensors, {sent / 1e6:.3f} MB sent vs {f32 / 1e6:.3f} MB float32 "
+                f"({f32 / sent:.2f}x smaller; {f32 / 2 / sent:.2f}x vs float16)")

@@ -1,0 +1,67 @@
+"""The Horovod calls the compressors make on tf tensors (eager or inside tf.function)."""
+from __future__ import annotations
+
+from typing import Any
+
+import horovod.tensorflow as hvd
+import tensorflow as tf
+
+
+def _keep_autograph_out() -> None:
+    """Have AutoGraph call horovod_nuq as plain Python: its control flow is on static values,
+    and converting it only costs tracing time and spurious warnings."""
+    try:
+        from tensorflow.python.autograph.core import config
+    except ImportError:  # pragma: no cover - internals moved; conversion is then merely slower
+        return
+    if not any(r.matches("horovod_nuq") for r in config.CONVERSION_RULES[:1]):
+        config.CONVERSION_RULES = (config.DoNotConvert("horovod_nuq"),) + tuple(config.CONVERSION_RULES)
+
+
+_keep_autograph_out()
+
+
+def rank() -> int:
+    return hvd.rank()
+
+
+def size(process_set: Any = None) -> int:
+    return process_set.size() if process_set is not None else hvd.size()
+
+
+def allreduce_max(x: Any, process_set: Any = None) -> Any:
+    kw = {"process_set": process_set} if process_set is not None else {}
+    return hvd.allreduce(x, op=hvd.Max, **kw)
+
+
+def make_rng(xp: Any, seed: int, like: Any) -> Any:
+    with tf.init_scope():  # a generator made while tracing must live outside the graph
+        return tf.random.Generator.from_seed(seed)
+
+
+class GraphCounters:
+    """Byte counters that advance each time a traced graph runs, not once per trace."""
+
+    def __init__(self) -> None:
+        with tf.init_scope():
+            self.vars = [tf.Variable(0, dtype=tf.int64, trainable=False) for _ in range(3)]
+
+    def add(self, sent: int, numel: int) -> None:
+        for v, inc in zip(self.vars, (sent, 4 * numel, 1)):
+            v.assign_add(tf.constant(inc, tf.int64))
+
+    def read(self) -> tuple[int, int, int]:
+        return tuple(int(v.numpy()) for v in self.vars)
+
+    def reset(self) -> None:
+        for v in self.vars:
+            v.assign(0)
+
+
+def record(stats: Any, sent: int, numel: int) -> None:
+    if tf.executing_eagerly():
+        stats.record(sent, numel)
+        return
+    if stats._graph_counters is None:
+        stats._graph_counters = GraphCounters()
+    stats._graph_counters.add(sent, numel)

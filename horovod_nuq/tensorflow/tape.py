@@ -1,0 +1,54 @@
+"""hvd.DistributedGradientTape with the same signature, which can also route the allgather protocol.
+
+For protocol "allreduce" compressors (and Horovod's own) this is Horovod's tape unchanged.
+For protocol "allgather" it swaps the tape's reduction for: pack codes, allgather, decode
+every rank's payload in rank order, average.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import horovod.tensorflow as hvd
+import tensorflow as tf
+
+
+def _allgather_grads_fn(compression: Any, op: Any, process_set: Any):
+    average = op == hvd.Average
+
+    def reduce_grads(grads, vars=None, use_generic_names=False):
+        out = []
+        for i, g in enumerate(grads):
+            if g is None:
+                out.append(None)
+                continue
+            if isinstance(g, tf.IndexedSlices):
+                g = tf.convert_to_tensor(g)
+            payload, ctx = compression.compress_for_allgather(g)
+            gathered = hvd.allgather(payload, name=f"nuq_grad_{i}", process_set=process_set)
+            gathered = tf.reshape(gathered, [process_set.size() * payload.shape[0]])  # static shape
+            out.append(compression.decompress_gathered(gathered, ctx, average))
+        return out
+
+    return tf.function(reduce_grads) if tf.executing_eagerly() else reduce_grads
+
+
+def DistributedGradientTape(gradtape: tf.GradientTape, device_dense: str = "",
+                            device_sparse: str = "", compression: Any = hvd.Compression.none,
+                            sparse_as_dense: bool = False, op: Any = hvd.Average,
+                            gradient_predivide_factor: float = 1.0, num_groups: int = 0,
+                            groups: Any = None, process_set: Any = hvd.global_process_set,
+                            scale_local_gradients: bool = True) -> tf.GradientTape:
+    """Horovod's DistributedGradientTape; also accepts protocol="allgather" compressors."""
+    gathers = getattr(compression, "protocol", None) == "allgather"
+    if gathers and op not in (hvd.Average, hvd.Sum):
+        raise ValueError("the allgather protocol averages or sums decoded gradients: use "
+                         "op=hvd.Average or op=hvd.Sum (Adasum is not supported)")
+    tape = hvd.DistributedGradientTape(
+        gradtape, device_dense=device_dense, device_sparse=device_sparse,
+        compression=hvd.Compression.none if gathers else compression,
+        sparse_as_dense=sparse_as_dense, op=op, gradient_predivide_factor=gradient_predivide_factor,
+        num_groups=num_groups, groups=groups, process_set=process_set,
+        scale_local_gradients=scale_local_gradients)
+    if gathers:
+        tape._allreduce_grads = _allgather_grads_fn(compression, op, process_set)
+    return tape

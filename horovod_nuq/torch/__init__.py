@@ -1,0 +1,23 @@
+"""PyTorch frontend: the compressors, Horovod registration, and an allgather-capable optimizer."""
+from .. import registration
+from ..compressor import (
+                          Compressor,
+                          GlobalQSGDCompressor,
+                          NUQCompressor,
+                          QSGDCompressor,
+                          QSGDInfCompressor,
+                          TNQCompressor,
+)
+from .optimizer import DistributedOptimizer
+
+registration.register("torch")
+
+__all__ = [
+                          "Compressor",
+                          "DistributedOptimizer",
+                          "GlobalQSGDCompressor",
+                          "NUQCompressor",
+                          "QSGDCompressor",
+                          "QSGDInfCompressor",
+                          "TNQCompressor",
+]

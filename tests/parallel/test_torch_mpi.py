@@ -1,0 +1,251 @@
+"""PyTorch under real Horovod collectives: unbiasedness, variance, agreement, training, edge cases."""
+import horovod.torch as hvd
+import numpy as np
+import pytest
+import torch
+from harness import (
+    check_unbiased,
+    check_variance,
+    digest,
+    exact_variance_of_average,
+    rank_gradient,
+    run_rounds,
+)
+
+import horovod_nuq.torch as nuq
+
+hvd.init()
+N, RANK = hvd.size(), hvd.rank()
+D, ROUNDS = 3000, 150
+
+ALL = [nuq.QSGDCompressor, nuq.QSGDInfCompressor, nuq.NUQCompressor, nuq.TNQCompressor,
+       nuq.GlobalQSGDCompressor]
+UNBIASED = [c for c in ALL if c is not nuq.TNQCompressor]
+PER_RANK = [nuq.QSGDCompressor, nuq.QSGDInfCompressor, nuq.NUQCompressor, nuq.TNQCompressor]
+
+
+def all_same(t: torch.Tensor) -> bool:
+    """True when every rank holds bit-identical contents of `t`."""
+    d = torch.from_numpy(digest(t.detach().cpu().numpy()))
+    gathered = hvd.allgather(d.unsqueeze(0), name="digest").numpy()
+    return bool((gathered == gathered[0]).all())
+
+
+def reducer(comp, g: torch.Tensor, op=hvd.Average):
+    """One compressed reduction of g across ranks, by the compressor's protocol."""
+    if comp.protocol == "allreduce":
+        return lambda: hvd.allreduce(g, compression=comp, op=op).double().numpy()
+
+    def gather():
+        payload, ctx = comp.compress_for_allgather(g)
+        return comp.decompress_gathered(hvd.allgather(payload), ctx, op == hvd.Average).double().numpy()
+    return gather
+
+
+def cases():
+    for c in UNBIASED:
+        yield c, "allreduce"
+    for c in PER_RANK:
+        if c is not nuq.TNQCompressor:
+            yield c, "allgather"
+
+
+@pytest.mark.parametrize("cls,protocol", list(cases()), ids=lambda x: getattr(x, "__name__", x))
+def test_unbiased_and_variance_across_ranks(cls, protocol):
+    comp = cls(seed=11, protocol=protocol)
+    grads = [rank_gradient(r, D) for r in range(N)]
+    true = np.mean(grads, axis=0, dtype=np.float64)
+    var = exact_variance_of_average(grads, comp.scheme, shared=protocol == "allreduce")
+    mean, outs = run_rounds(reducer(comp, torch.from_numpy(grads[RANK])), ROUNDS)
+    check_unbiased(mean, true, var, ROUNDS)
+    measured, _ = check_variance(outs, true, var)
+    single = exact_variance_of_average(grads[:1], comp.scheme, shared=False).sum()
+    print(f"{cls.__name__}/{protocol}: E||avg-true||^2={measured:.4g}, one rank alone={single:.4g}")
+
+
+def test_negative_control_deterministic_rounding_is_caught():
+    """Rounding to the nearest level (u = 0.5) is biased; the harness must say so."""
+    comp = nuq.QSGDCompressor(seed=3)
+    comp._uniform = lambda xp, coll, v: torch.full(v.shape, 0.5)
+    grads = [rank_gradient(r, D) for r in range(N)]
+    true = np.mean(grads, axis=0, dtype=np.float64)
+    var = exact_variance_of_average(grads, comp.scheme, shared=True)
+    mean, _ = run_rounds(reducer(comp, torch.from_numpy(grads[RANK])), 20)
+    with pytest.raises(AssertionError, match="biased"):
+        check_unbiased(mean, true, var, 20)
+
+
+def test_independent_streams_across_ranks():
+    """Same seed on every rank, yet ranks' rounding errors are uncorrelated."""
+    comp = nuq.QSGDInfCompressor(seed=5, protocol="allgather")
+    g = torch.from_numpy(rank_gradient(0, D))  # same input on every rank
+    payload, ctx = comp.compress_for_allgather(g)
+    parts = hvd.allgather(payload).view(N, -1)
+    errs = [comp.decompress_gathered(p, ctx, average=False).numpy() - g.numpy() for p in parts]
+    if N > 1:
+        c = np.corrcoef(errs[0], errs[1])[0, 1]
+        assert abs(c) < 6 / np.sqrt(D), f"rounding errors of ranks 0 and 1 correlate: {c:.3f}"
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("protocol", ["allreduce", "allgather"])
+def test_every_rank_decodes_identical_tensor(cls, protocol):
+    if protocol == "allgather" and cls is nuq.GlobalQSGDCompressor:
+        pytest.skip("Global-QSGD is shared-scale only")
+    comp = cls(protocol=protocol)
+    out = reducer(comp, torch.from_numpy(rank_gradient(RANK, 1000)))()
+    assert all_same(torch.from_numpy(out))
+
+
+@pytest.mark.parametrize("op", [hvd.Average, hvd.Sum], ids=["average", "sum"])
+def test_sum_and_average_decode(op):
+    comp = nuq.QSGDInfCompressor(bits=8)
+    g = torch.from_numpy(rank_gradient(RANK, 2048))
+    out = hvd.allreduce(g, compression=comp, op=op)
+    total = np.sum([rank_gradient(r, 2048) for r in range(N)], axis=0)
+    want = total / N if op == hvd.Average else total
+    assert np.abs(out.numpy() - want).max() < 0.1 * np.abs(want).max()
+
+
+def test_prescale_postscale_are_honoured():
+    comp = nuq.QSGDInfCompressor(bits=8)
+    g = torch.from_numpy(rank_gradient(RANK, 1024))
+    out = hvd.allreduce(g, compression=comp, op=hvd.Sum, prescale_factor=0.5, postscale_factor=3.0)
+    want = 1.5 * np.sum([rank_gradient(r, 1024) for r in range(N)], axis=0)
+    assert np.abs(out.numpy() - want).max() < 0.1 * np.abs(want).max()
+
+
+def test_adasum_is_refused_clearly():
+    if N & (N - 1):
+        pytest.skip("Adasum needs a power-of-two number of ranks")
+    with pytest.raises(Exception, match="(Adasum|not integer|sentinel)"):
+        hvd.allreduce(torch.from_numpy(rank_gradient(RANK, 512)), compression=nuq.QSGDCompressor(),
+                      op=hvd.Adasum)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (3, 5), (1000,), (513,), (2, 3, 4, 5)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_shapes_and_dtypes(shape, dtype):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(RANK)).to(dtype)
+    for comp in (nuq.NUQCompressor(), nuq.QSGDCompressor(protocol="allgather")):
+        if comp.protocol == "allgather":
+            payload, ctx = comp.compress_for_allgather(g)
+            out = comp.decompress_gathered(hvd.allgather(payload), ctx)
+        else:
+            out = hvd.allreduce(g, compression=comp)
+        assert out.shape == g.shape and out.dtype == dtype
+        assert torch.isfinite(out.float()).all()
+
+
+def test_all_zero_gradients_decode_to_zero():
+    for comp in (nuq.TNQCompressor(), nuq.NUQCompressor(protocol="allgather")):
+        out = reducer(comp, torch.zeros(700))()
+        assert not np.any(out)
+
+
+def test_payload_is_smaller_than_float32():
+    g = torch.from_numpy(rank_gradient(RANK, 100_000))
+    for cls in ALL:
+        comp = cls()
+        payload, _ = comp.compress(g)
+        assert payload.numel() * payload.element_size() < 0.5 * g.numel() * 4, cls.__name__
+
+
+def _train(opt_factory, steps=25, sparse=False):
+    torch.manual_seed(0)  # same init on every rank
+    model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    unused = torch.nn.Linear(3, 3)  # a parameter that never gets a gradient
+    params = list(model.named_parameters()) + [("unused." + k, v) for k, v in unused.named_parameters()]
+    opt = opt_factory(torch.optim.SGD([p for _, p in params], lr=0.5, momentum=0.9), params)
+    hvd.broadcast_parameters(dict(params), root_rank=0)
+    gen = torch.Generator().manual_seed(100 + RANK)
+    w_true = torch.randn(20, 4, generator=torch.Generator().manual_seed(7))
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(64, 20, generator=gen)
+        y = (x @ w_true).argmax(1)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(hvd.allreduce(loss.detach(), name="loss")))
+    flat = torch.cat([p.detach().reshape(-1) for _, p in params])
+    return losses, flat
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_training_stock_horovod_optimizer(cls):
+    comp = cls(seed=1)
+    losses, flat = _train(lambda o, ps: hvd.DistributedOptimizer(o, named_parameters=ps, compression=comp))
+    assert all_same(flat), "ranks' weights drifted apart"
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    assert comp.stats.total_bytes > 0
+
+
+@pytest.mark.parametrize("cls", PER_RANK, ids=lambda c: c.__name__)
+def test_training_allgather_optimizer(cls):
+    comp = cls(seed=1, protocol="allgather")
+    losses, flat = _train(lambda o, ps: nuq.DistributedOptimizer(o, named_parameters=ps, compression=comp))
+    assert all_same(flat)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    assert len(comp.stats.steps) == 25 and comp.stats.steps[-1] > 0
+
+
+@pytest.mark.parametrize("protocol", ["allreduce", "allgather"])
+@pytest.mark.parametrize("options", [{"num_groups": 2}, {"op": hvd.Sum}, {"gradient_predivide_factor": 2.0}],
+                         ids=["groups2", "sum", "predivide"])
+def test_optimizer_options(protocol, options):
+    comp = nuq.NUQCompressor(bits=3, protocol=protocol)
+
+    def factory(o, ps):
+        return nuq.DistributedOptimizer(o, named_parameters=ps, compression=comp, **options)
+
+    losses, flat = _train(factory, steps=15)
+    assert all_same(flat)
+    assert np.isfinite(losses).all()
+
+
+def test_backward_passes_per_step():
+    comp = nuq.QSGDInfCompressor()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(10, 1)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
+                                   named_parameters=model.named_parameters(), compression=comp,
+                                   backward_passes_per_step=2)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    for _ in range(5):
+        opt.zero_grad()
+        for _ in range(2):
+            model(torch.randn(8, 10)).pow(2).mean().backward()
+        opt.step()
+    assert all_same(model.weight.detach())
+
+
+def test_sparse_as_dense_embedding():
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 8, sparse=True)
+    comp = nuq.QSGDCompressor()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.1),
+                                   named_parameters=emb.named_parameters(), compression=comp,
+                                   sparse_as_dense=True)
+    hvd.broadcast_parameters(emb.state_dict(), root_rank=0)
+    for _ in range(3):
+        opt.zero_grad()
+        emb(torch.randint(0, 50, (16,))).sum().backward()
+        opt.step()
+    assert all_same(emb.weight.detach())
+
+
+def test_registered_with_horovod():
+    for name in ("qsgd", "qsgdinf", "nuq", "tnq", "globalqsgd"):
+        comp = getattr(hvd.Compression, name)
+        out = hvd.allreduce(torch.ones(6000), compression=comp)
+        assert out.shape == (6000,) and abs(float(out.mean()) - 1.0) < 0.1, name
+
+
+def test_grouped_allreduce():
+    comp = nuq.QSGDInfCompressor()
+    ts = [torch.from_numpy(rank_gradient(RANK, n)) for n in (10, 600, 1500)]
+    outs = hvd.grouped_allreduce(ts, compression=comp)
+    for t, o in zip(ts, outs):
+        assert o.shape == t.shape and all_same(o)
