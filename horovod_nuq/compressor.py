@@ -119,7 +119,8 @@ class Compressor:
         v, ctx = self._prepare(xp, tensor)
         r = codec.local_scale(xp, v, self.scheme, ctx.numel)
         idx = codec.quantize(xp, v, r, self._tables, self._uniform(xp, coll, v))
-        payload = xp.concat([xp.bitcast(r, "uint8"),
+        header = xp.constant(np.array([self._tensor_id(ctx.numel)], dtype=np.float32), r)
+        payload = xp.concat([xp.bitcast(header, "uint8"), xp.bitcast(r, "uint8"),
                              wire.pack_codes(xp, idx, self._tables.k, self.scheme.code_bits)])
         coll.record(self.stats, xp.numel(payload), ctx.numel)
         return payload, ctx
@@ -128,7 +129,7 @@ class Compressor:
         """Bytes one rank hands to the collective for a tensor of `numel` elements."""
         nb = codec.n_buckets(numel, self.scheme.bucket_size)
         if self.protocol == "allgather":
-            return 4 * nb + wire.packed_code_bytes(nb * self.scheme.bucket_size, self.scheme.code_bits)
+            return self._gathered_bytes(nb)
         layout = self._layout(ranks if ranks is not None else 1)
         return layout.payload_bytes(nb * self.scheme.bucket_size) + 4 * (nb + 2)
 
@@ -136,16 +137,21 @@ class Compressor:
         """Decode every rank's payload in rank order and return their average (or sum)."""
         xp = backend_for(gathered)
         nb, bs = ctx.n_buckets, self.scheme.bucket_size
-        per_rank = 4 * nb + wire.packed_code_bytes(nb * bs, self.scheme.code_bits)
+        per_rank = self._gathered_bytes(nb)
         total = xp.numel(gathered)
-        if per_rank == 0 or total % per_rank:
+        if total == 0 or total % per_rank:
             raise ValueError(f"allgather payload of {total} bytes is not a whole number of "
                              f"{per_rank}-byte rank payloads for a tensor of {ctx.numel} elements: "
                              "ranks used different compressor settings or tensor shapes")
         ranks = total // per_rank
+        tid = self._tensor_id(ctx.numel)
         acc = None
-        for part in xp.split(xp.reshape(gathered, [-1]), [per_rank] * ranks):
-            scale_bytes, codes = xp.split(part, [4 * nb, per_rank - 4 * nb])
+        for i, part in enumerate(xp.split(xp.reshape(gathered, [-1]), [per_rank] * ranks)):
+            header, scale_bytes, codes = xp.split(part, [4, 4 * nb, per_rank - 4 - 4 * nb])
+            xp.require(xp.max_all(xp.abs(xp.bitcast(header, "float32") - np.float32(tid))) == 0,
+                       f"allgather payload of rank {i} was made with other compressor settings or "
+                       f"another tensor size than this rank's {self.scheme.describe()} for "
+                       f"{ctx.numel} elements (or is corrupt). Give every rank the same compressor.")
             r = xp.bitcast(scale_bytes, "float32")
             idx = wire.unpack_codes(xp, codes, self._tables.k, self.scheme.code_bits, nb * bs)
             q = codec.dequantize(xp, xp.reshape(idx, [nb, bs]), r, self._tables)
@@ -180,10 +186,25 @@ class Compressor:
         nb = xp.shape(r)[0]
         r, ids = xp.split(agreed, [nb, 2])
         # ids = [max_i id_i, -min_i id_i]: they cancel exactly when every rank has the same id
-        xp.require(xp.max_all(xp.abs(xp.row_sum(xp.reshape(ids, [1, 2])))) == 0,
-                   f"ranks use different compressor settings for a tensor of {nb} buckets; this "
-                   f"rank uses {self.scheme.describe()}. Give every rank the same compressor.")
+        same = xp.max_all(xp.abs(xp.row_sum(xp.reshape(ids, [1, 2])))) == 0
+        if xp.symbolic(same):
+            xp.require(same, f"ranks use different compressor settings; this rank uses "
+                             f"{self.scheme.describe()}. Give every rank the same compressor.")
+        elif not bool(same):  # every rank sees the same ids, so every rank takes this branch
+            configs = coll.gather_text(repr(self), self.process_set)
+            listing = "; ".join(f"rank {i}: {c}" for i, c in enumerate(configs))
+            raise ValueError(f"ranks use different compressor settings ({listing}). "
+                             "Give every rank the same compressor.")
         return r
+
+    def _gathered_bytes(self, n_buckets: int) -> int:
+        """One rank's allgather payload: 4-byte settings id, float32 scales, packed codes."""
+        codes = wire.packed_code_bytes(n_buckets * self.scheme.bucket_size, self.scheme.code_bits)
+        return 4 + 4 * n_buckets + codes
+
+    def _tensor_id(self, numel: int) -> float:
+        """The settings and tensor size as a float32-exact integer that ranks can compare."""
+        return float(zlib.crc32(f"{self.scheme.describe()}/{numel}".encode()) % (1 << 24))
 
     def _layout(self, ranks: int) -> wire.SumLayout:
         if ranks not in self._layouts:

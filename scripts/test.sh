@@ -13,18 +13,18 @@ status=0
 echo "== ruff"
 ruff check horovod_nuq tests examples scripts || status=1
 
-echo "== unit tests (single process)"
-python -m pytest tests/unit -q -p no:cacheprovider --junitxml="$REPORTS/unit.xml" "$@" || status=1
+echo "== unit and launcher tests (single process)"
+python -m pytest tests/unit tests/launch -q -p no:cacheprovider --junitxml="$REPORTS/unit.xml" "$@" || status=1
 
 # One mpirun per framework and size. Rank 0 prints; the other ranks log to files that are
 # shown only when the run fails. `timeout` turns a hang into a failure.
 for np in $RANKS; do
-  for suite in test_torch_mpi test_tf_mpi; do
+  for suite in test_torch_mpi test_reliability_mpi test_tf_mpi; do
     echo "== $suite with $np ranks"
     log="$REPORTS/$suite.$np"
     if ! timeout 900 mpirun -np "$np" bash -c '
         r=${OMPI_COMM_WORLD_RANK:-0}
-        args=(-m pytest "tests/parallel/'"$suite"'.py" -p no:cacheprovider -x)
+        args=(-m pytest "tests/parallel/'"$suite"'.py" -p no:cacheprovider -x --color=no)
         if [ "$r" = 0 ]; then exec python "${args[@]}" -q --junitxml="'"$log"'.xml" '"$*"'
         else exec python "${args[@]}" -q '"$*"' > "'"$log"'.rank$r.log" 2>&1; fi'; then
       status=1

@@ -72,6 +72,10 @@ class Backend:
         """U[0, 1) float32 draws from the generator `state` made by `make_rng`."""
     def make_rng(self, seed: int, like: Array) -> Any: ...
 
+    def symbolic(self, x: Array) -> bool:
+        """True for graph tensors whose value is unknown until run time (tf.function)."""
+        return False
+
     def require(self, ok: Array, message: str) -> None:
         """Raise ValueError(message) unless the boolean scalar `ok` holds (an assert op in graphs)."""
         if not bool(ok):

@@ -74,6 +74,8 @@ class TFBackend(Backend):
     def uniform(self, shape: Sequence[int], like: Any, state: tf.random.Generator):
         return state.uniform(list(shape), dtype=tf.float32)
 
+    def symbolic(self, x): return not tf.executing_eagerly()
+
     def require(self, ok, message):
         if tf.executing_eagerly():
             return super().require(ok, message)

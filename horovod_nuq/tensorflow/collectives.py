@@ -29,6 +29,12 @@ def size(process_set: Any = None) -> int:
     return process_set.size() if process_set is not None else hvd.size()
 
 
+def gather_text(text: str, process_set: Any = None) -> list:
+    """Every rank's `text`, in rank order (for error messages that name each rank's settings)."""
+    kw = {"process_set": process_set} if process_set is not None else {}
+    return hvd.allgather_object(text, **kw)
+
+
 def allreduce_max(x: Any, process_set: Any = None) -> Any:
     kw = {"process_set": process_set} if process_set is not None else {}
     return hvd.allreduce(x, op=hvd.Max, **kw)

@@ -39,6 +39,11 @@ def DistributedGradientTape(gradtape: tf.GradientTape, device_dense: str = "",
                             groups: Any = None, process_set: Any = hvd.global_process_set,
                             scale_local_gradients: bool = True) -> tf.GradientTape:
     """Horovod's DistributedGradientTape; also accepts protocol="allgather" compressors."""
+    if hasattr(compression, "protocol") and process_set is not hvd.global_process_set:
+        if compression.process_set is None:
+            compression.process_set = process_set  # field widths follow the reducing ranks
+        elif compression.process_set is not process_set:
+            raise ValueError("the compressor and the tape name different process sets; give both the same")
     gathers = getattr(compression, "protocol", None) == "allgather"
     if gathers and op not in (hvd.Average, hvd.Sum):
         raise ValueError("the allgather protocol averages or sums decoded gradients: use "

@@ -15,6 +15,15 @@ from horovod.torch.mpi_ops import allgather_async, grouped_allgather_async
 from horovod.torch.optimizer import _DistributedOptimizer
 
 
+def _share_process_set(compression: Any, process_set: Any) -> None:
+    if not hasattr(compression, "protocol") or process_set is hvd.global_process_set:
+        return
+    if compression.process_set is None:
+        compression.process_set = process_set
+    elif compression.process_set is not process_set:
+        raise ValueError("the compressor and the optimizer name different process sets; give both the same")
+
+
 def _gathers(compression: Any) -> bool:
     return getattr(compression, "protocol", None) == "allgather"
 
@@ -51,7 +60,12 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
                          op: Any = hvd.Average, gradient_predivide_factor: float = 1.0,
                          num_groups: int = 0, groups: Any = None, sparse_as_dense: bool = False,
                          process_set: Any = hvd.global_process_set) -> torch.optim.Optimizer:
-    """Horovod's DistributedOptimizer; also accepts protocol="allgather" compressors."""
+    """Horovod's DistributedOptimizer; also accepts protocol="allgather" compressors.
+
+    A horovod_nuq compressor made without a process set is given this optimizer's, so its
+    field widths and scale agreement follow the ranks that actually reduce.
+    """
+    _share_process_set(compression, process_set)
     kwargs = {"named_parameters": named_parameters, "compression": compression,
               "backward_passes_per_step": backward_passes_per_step, "op": op,
               "gradient_predivide_factor": gradient_predivide_factor, "num_groups": num_groups,

@@ -144,11 +144,16 @@ def test_all_zero_gradients_decode_to_zero():
 
 
 def test_payload_is_smaller_than_float32():
+    """The bytes handed to Horovod shrink (NUQ's wider sum fields reach float16's size at 4 ranks)."""
     g = torch.from_numpy(rank_gradient(RANK, 100_000))
     for cls in ALL:
         comp = cls()
         payload, _ = comp.compress(g)
-        assert payload.numel() * payload.element_size() < 0.5 * g.numel() * 4, cls.__name__
+        limit = 0.55 if cls is nuq.NUQCompressor else 0.4
+        assert payload.numel() * payload.element_size() < limit * g.numel() * 4, cls.__name__
+        payload, _ = cls(protocol="allgather").compress_for_allgather(g) if cls is not \
+            nuq.GlobalQSGDCompressor else (payload, None)
+        assert payload.numel() * payload.element_size() < limit * g.numel() * 4, cls.__name__
 
 
 def _train(opt_factory, steps=25, sparse=False):

@@ -126,7 +126,7 @@ def test_stats_and_payload_sizes(fw, name, protocol, numel):
     assert c.stats.total_float32_bytes == 4 * numel and c.stats.tensors == 1
     if protocol == "allgather":
         assert xp.dtype_name(p) == "uint8"
-        assert xp.numel(p) == c.payload_bytes(numel) == 4 * nb + wire.packed_code_bytes(nb * 512, bits)
+        assert xp.numel(p) == c.payload_bytes(numel) == 4 + 4 * nb + wire.packed_code_bytes(nb * 512, bits)
         if numel >= 512:
             assert xp.numel(p) < 4 * numel
     else:
@@ -149,7 +149,7 @@ def test_allgather_payload_smaller_than_float32(name, bits):
     c = KINDS[name](bits=bits, bucket_size=512, protocol="allgather", seed=0)
     p, _ = c.compress_for_allgather(np.random.default_rng(0).standard_normal(512).astype(np.float32))
     assert p.dtype == np.uint8
-    assert p.nbytes == 4 + 512 * bits // 8 < 4 * 512
+    assert p.nbytes == 4 + 4 + 512 * bits // 8 < 4 * 512  # settings id, one scale, codes
 
 
 @pytest.mark.parametrize("name,protocol", COMBOS)
@@ -169,6 +169,7 @@ def test_repeated_compression_is_unbiased_end_to_end(name, protocol):
 def _fake_collectives(rank, ranks, agreed):
     return types.SimpleNamespace(rank=lambda: rank, size=lambda ps=None: ranks,
                                  allreduce_max=lambda x, ps=None: agreed,
+                                 gather_text=lambda t, ps=None: [t, "QSGDCompressor(other)"],
                                  make_rng=local.make_rng, record=local.record)
 
 
@@ -232,7 +233,8 @@ def test_simulated_config_mismatch_is_detected(monkeypatch):
     x = np.ones(100, np.float32)
     agreed = np.array([1.0, 1.0, 5.0, -3.0], np.float32)  # ranks disagree on the config id
     monkeypatch.setattr(c, "_collectives", lambda xp: _fake_collectives(0, 2, agreed))
-    with pytest.raises(ValueError, match="different compressor settings"):
+    with pytest.raises(ValueError, match=r"different compressor settings \(rank 0: QSGDCompressor\(qsgd"
+                                         r"\(bits=4.*rank 1: QSGDCompressor\(other\)"):
         c.compress(x)
 
 
