@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import codec, schemes, wire
+from . import codec, engines, kernels, schemes, wire
 from .backends import Backend, backend_for
 from .stats import WireStats
 
@@ -48,6 +48,7 @@ class Compressor:
     bucket_size: coordinates that share one scale. seed: reproducible rounding (each rank
     draws its own stream from (seed, rank)). protocol: "allreduce" or "allgather".
     process_set: the Horovod process set the tensors are reduced over (default: all ranks).
+    fused: use the one-pass C kernels for tensors in host memory (None: when they build).
     """
 
     scheme_name = ""
@@ -55,7 +56,7 @@ class Compressor:
 
     def __init__(self, bits: int | None = None, *, levels: int | None = None,
                  bucket_size: int = 512, seed: int | None = None, protocol: str = "allreduce",
-                 process_set: Any = None, **scheme_options: Any) -> None:
+                 process_set: Any = None, fused: bool | None = None, **scheme_options: Any) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
@@ -70,7 +71,9 @@ class Compressor:
         self.seed = seed
         self.stats = WireStats()
         self._tables = codec.Tables(self.scheme)
-        self._rngs: dict[Any, Any] = {}
+        self.fused = fused
+        self._rank_seed: int | None = None
+        self._draw_state: _Draws | None = None
         self._layouts: dict[int, wire.SumLayout] = {}
         self._config_id = float(zlib.crc32(self.scheme.describe().encode()) % (1 << 24))
         if protocol == "allreduce":
@@ -88,14 +91,13 @@ class Compressor:
                 "cannot route. Use horovod_nuq.torch.DistributedOptimizer / "
                 "horovod_nuq.tensorflow.DistributedGradientTape, or protocol='allreduce'.")
         xp, coll = self._frontend(tensor)
-        v, ctx = self._prepare(xp, tensor)
-        r = codec.local_scale(xp, v, self.scheme, ctx.numel)
+        engine, ctx = self._engine(xp, tensor), self._context(xp, tensor)
+        work, r = engine.scales(tensor, ctx.numel)
         r = self._agree_scale(xp, coll, r)
-        idx = codec.quantize(xp, v, r, self._tables, self._uniform(xp, coll, v))
         layout = self._layout(coll.size(self.process_set))
-        payload = wire.pack_sums(xp, codec.numerators(xp, idx, self._tables), layout)
-        coll.record(self.stats, layout.payload_bytes(xp.numel(v)) + 4 * (ctx.n_buckets + 2),
-                    ctx.numel)
+        payload = engine.encode_sums(work, r, layout, self._draws(xp, coll, tensor))
+        padded = ctx.n_buckets * self.scheme.bucket_size
+        coll.record(self.stats, layout.payload_bytes(padded) + 4 * (ctx.n_buckets + 2), ctx.numel)
         return payload, Context(ctx.shape, ctx.dtype, ctx.numel, ctx.n_buckets, r)
 
     def decompress(self, payload: Any, ctx: Context) -> Any:
@@ -103,25 +105,19 @@ class Compressor:
         if ctx.scale is None:  # routed by horovod_nuq's optimizer/tape through allgather
             return self.decompress_gathered(payload, ctx, ctx.average)
         xp = backend_for(payload)
-        coll = self._collectives(xp)
-        ranks = coll.size(self.process_set)
-        padded = ctx.n_buckets * self.scheme.bucket_size
-        sums, sentinel = wire.unpack_sums(xp, payload, self._layout(ranks), padded)
-        sums = xp.reshape(sums, [ctx.n_buckets, self.scheme.bucket_size])
-        total = codec.from_numerator_sums(xp, sums, ctx.scale, self._tables)
-        out = total * xp.cast(sentinel / np.float64(ranks), "float32")
+        layout = self._layout(self._collectives(xp).size(self.process_set))
+        out = self._engine(xp, payload).decode_sums(payload, ctx.scale, layout, ctx.n_buckets)
         return codec.from_buckets(xp, out, ctx.numel, ctx.shape, ctx.dtype)
 
     # ---- protocol "allgather" ----------------------------------------------------------
     def compress_for_allgather(self, tensor: Any) -> tuple[Any, Context]:
         """This rank's float32 scales and bit-packed codes as one uint8 payload."""
         xp, coll = self._frontend(tensor)
-        v, ctx = self._prepare(xp, tensor)
-        r = codec.local_scale(xp, v, self.scheme, ctx.numel)
-        idx = codec.quantize(xp, v, r, self._tables, self._uniform(xp, coll, v))
+        engine, ctx = self._engine(xp, tensor), self._context(xp, tensor)
+        work, r = engine.scales(tensor, ctx.numel)
         header = xp.constant(np.array([self._tensor_id(ctx.numel)], dtype=np.float32), r)
         payload = xp.concat([xp.bitcast(header, "uint8"), xp.bitcast(r, "uint8"),
-                             wire.pack_codes(xp, idx, self._tables.k, self.scheme.code_bits)])
+                             engine.encode_codes(work, r, self._draws(xp, coll, tensor))])
         coll.record(self.stats, xp.numel(payload), ctx.numel)
         return payload, ctx
 
@@ -136,7 +132,7 @@ class Compressor:
     def decompress_gathered(self, gathered: Any, ctx: Context, average: bool = True) -> Any:
         """Decode every rank's payload in rank order and return their average (or sum)."""
         xp = backend_for(gathered)
-        nb, bs = ctx.n_buckets, self.scheme.bucket_size
+        nb = ctx.n_buckets
         per_rank = self._gathered_bytes(nb)
         total = xp.numel(gathered)
         if total == 0 or total % per_rank:
@@ -145,6 +141,7 @@ class Compressor:
                              "ranks used different compressor settings or tensor shapes")
         ranks = total // per_rank
         tid = self._tensor_id(ctx.numel)
+        engine = self._engine(xp, gathered)
         acc = None
         for i, part in enumerate(xp.split(xp.reshape(gathered, [-1]), [per_rank] * ranks)):
             header, scale_bytes, codes = xp.split(part, [4, 4 * nb, per_rank - 4 - 4 * nb])
@@ -152,10 +149,8 @@ class Compressor:
                        f"allgather payload of rank {i} was made with other compressor settings or "
                        f"another tensor size than this rank's {self.scheme.describe()} for "
                        f"{ctx.numel} elements (or is corrupt). Give every rank the same compressor.")
-            r = xp.bitcast(scale_bytes, "float32")
-            idx = wire.unpack_codes(xp, codes, self._tables.k, self.scheme.code_bits, nb * bs)
-            q = codec.dequantize(xp, xp.reshape(idx, [nb, bs]), r, self._tables)
-            acc = q if acc is None else acc + q
+            acc = engine.decode_codes(codes, xp.bitcast(scale_bytes, "float32"), nb, acc)
+        acc = engine.finish_codes(acc, gathered, nb)
         if average:
             acc = acc / np.float32(ranks)
         return codec.from_buckets(xp, acc, ctx.numel, ctx.shape, ctx.dtype)
@@ -174,10 +169,21 @@ class Compressor:
         name = _COLLECTIVES.get(xp.name, "horovod_nuq.local")
         return sys.modules.get(name) or importlib.import_module(name)
 
-    def _prepare(self, xp: Backend, tensor: Any) -> tuple[Any, Context]:
+    def _context(self, xp: Backend, tensor: Any) -> Context:
         numel = xp.numel(tensor)
-        v = codec.to_buckets(xp, tensor, self.scheme.bucket_size)
-        return v, Context(xp.shape(tensor), xp.dtype_name(tensor), numel, xp.shape(v)[0])
+        return Context(xp.shape(tensor), xp.dtype_name(tensor), numel,
+                       codec.n_buckets(numel, self.scheme.bucket_size))
+
+    def _engine(self, xp: Backend, tensor: Any) -> engines.GenericEngine:
+        """The fused C kernels for host tensors when available (and fused is not False)."""
+        if self.fused is not False and xp.on_host(tensor):
+            lib = kernels.load()
+            if lib is not None:
+                return engines.FusedEngine(xp, self.scheme, self._tables, lib)
+        if self.fused:
+            raise RuntimeError("fused=True, but the fused CPU kernels cannot run here "
+                               "(tensor not in host memory, inside a graph, or no C compiler)")
+        return engines.GenericEngine(xp, self.scheme, self._tables)
 
     def _agree_scale(self, xp: Backend, coll: Any, r: Any) -> Any:
         """Max over ranks of the per-bucket scales, plus a check that all ranks share one config."""
@@ -212,14 +218,32 @@ class Compressor:
             self._layouts[ranks] = wire.SumLayout(bound, ranks).check()
         return self._layouts[ranks]
 
-    def _uniform(self, xp: Backend, coll: Any, v: Any) -> Any:
-        key = (xp.name, xp.device_key(v))
-        if key not in self._rngs:
-            rank = coll.rank()
-            entropy = [self.seed, rank] if self.seed is not None else [int.from_bytes(os.urandom(8), "little"), rank]
-            seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
-            self._rngs[key] = coll.make_rng(xp, seed, v)
-        return xp.uniform(xp.shape(v), v, self._rngs[key])
+    def _draws(self, xp: Backend, coll: Any, like: Any) -> _Draws:
+        if self._rank_seed is None:
+            entropy = [self.seed] if self.seed is not None else [int.from_bytes(os.urandom(8), "little")]
+            state = np.random.SeedSequence(entropy + [coll.rank()]).generate_state(1, np.uint64)[0]
+            self._rank_seed = int(state >> np.uint64(1))
+            self._draw_state = _Draws(self._rank_seed, coll)
+        return self._draw_state
+
+
+class _Draws:
+    """Independent per-rank randomness: a framework generator per device (generic engine)
+    and a stream of 64-bit keys for the fused kernels' counter-based draws."""
+
+    def __init__(self, seed: int, coll: Any) -> None:
+        self.seed, self.coll = seed, coll
+        self._generators: dict[Any, Any] = {}
+        self._keys = kernels.key_stream(seed)
+
+    def uniform(self, xp: Backend, like: Any) -> Any:
+        dev = (xp.name, xp.device_key(like))
+        if dev not in self._generators:
+            self._generators[dev] = self.coll.make_rng(xp, self.seed, like)
+        return xp.uniform(xp.shape(like), like, self._generators[dev])
+
+    def key(self) -> int:
+        return next(self._keys)
 
 
 def _compressor(name: str, scheme: str, doc: str, shared_scale_only: bool = False) -> type:

@@ -123,6 +123,16 @@ def pack_sums(xp: Backend, values: Array, layout: SumLayout) -> Array:
     return xp.concat([xp.cast(words, "float64"), one])
 
 
+BAD_SENTINEL = ("summable payload: the sentinel is not a positive scale, so the reduction was not "
+                "Sum or Average (Adasum is not supported by the allreduce protocol)")
+
+
+def not_integer_message(ranks: int) -> str:
+    return ("summable payload: words are not integer after undoing the reduction's scale. The "
+            f"reduction was not a plain Sum/Average over the expected ranks ({ranks}): Adasum, a "
+            "process set of another size, or ranks with different compressor settings.")
+
+
 def unpack_sums(xp: Backend, payload: Array, layout: SumLayout, count: int) -> tuple[Array, Array]:
     """Integer sums over ranks from a reduced payload, and the sentinel value.
 
@@ -135,18 +145,11 @@ def unpack_sums(xp: Backend, payload: Array, layout: SumLayout, count: int) -> t
     if xp.numel(payload) != nw + 1:
         raise ValueError(f"summable payload: expected {nw + 1} float64 words, got {xp.numel(payload)}")
     words, sentinel = xp.split(payload, [nw, 1])
-    xp.require(xp.max_all(sentinel) > 0,
-               "summable payload: the sentinel is not a positive scale, so the reduction was not "
-               "Sum or Average (Adasum is not supported by the allreduce protocol)")
+    xp.require(xp.max_all(sentinel) > 0, BAD_SENTINEL)
     scaled = words * (np.float64(layout.ranks) / sentinel)
     rounded = xp.round(scaled)
     if nw:
-        xp.require(
-            xp.max_all(xp.abs(scaled - rounded)) < 0.25,
-            "summable payload: words are not integer after undoing the reduction's scale. The "
-            "reduction was not a plain Sum/Average over the expected ranks "
-            f"({layout.ranks}): Adasum, a process set of another size, or ranks with different "
-            "compressor settings.")
+        xp.require(xp.max_all(xp.abs(scaled - rounded)) < 0.25, not_integer_message(layout.ranks))
     w = xp.cast(rounded, "int64")
     per = layout.per_word
     fields = xp.bit_and(xp.shr(xp.reshape(w, [nw, 1]), _shifts(xp, layout.width, per, w)),

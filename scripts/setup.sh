@@ -204,6 +204,9 @@ else
     touch "$self_marker"
 fi
 
+# Compile the fused CPU kernels now (cached per source and CPU), not at the first step.
+"$PY" -c 'import horovod_nuq.kernels as k; lib = k.load(); print("fused CPU kernels:", "ready" if lib else "unavailable (generic codec)")'
+
 # ---------------------------------------------------------------------------
 # 6. Check the Horovod build
 # ---------------------------------------------------------------------------

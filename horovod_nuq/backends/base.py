@@ -42,6 +42,10 @@ class Backend:
     def device_key(self, x: Array) -> Any:
         return None
 
+    def on_host(self, x: Array) -> bool:
+        """True for eager tensors in host memory, which the fused C kernels can read."""
+        return False
+
     def can_cache(self, x: Array) -> bool:
         """Whether constants made for `x` may be reused by later calls."""
         return True

@@ -81,4 +81,5 @@ class TFBackend(Backend):
             return super().require(ok, message)
         tf.debugging.Assert(ok, [message])
 
+    def on_host(self, x): return tf.executing_eagerly() and "GPU" not in x.device
     def to_numpy(self, x: Any) -> np.ndarray: return x.numpy()

@@ -54,4 +54,5 @@ class TorchBackend(Backend):
     def uniform(self, shape: Sequence[int], like: torch.Tensor, state: torch.Generator):
         return torch.rand(tuple(shape), generator=state, device=like.device, dtype=torch.float32)
 
+    def on_host(self, x): return x.device.type == "cpu"
     def to_numpy(self, x: Any) -> np.ndarray: return x.detach().cpu().numpy()

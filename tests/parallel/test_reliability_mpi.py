@@ -1,12 +1,10 @@
 """Reliability under real collectives (torch): mismatched ranks, non-finite gradients, odd layouts."""
-import numpy as np
+import horovod.torch as hvd
 import pytest
 import torch
-
-import horovod.torch as hvd
+from harness import digest, rank_gradient
 
 import horovod_nuq.torch as nuq
-from harness import digest, rank_gradient
 
 hvd.init()
 N, RANK = hvd.size(), hvd.rank()

@@ -1,4 +1,6 @@
 """PyTorch under real Horovod collectives: unbiasedness, variance, agreement, training, edge cases."""
+import types
+
 import horovod.torch as hvd
 import numpy as np
 import pytest
@@ -65,8 +67,9 @@ def test_unbiased_and_variance_across_ranks(cls, protocol):
 
 def test_negative_control_deterministic_rounding_is_caught():
     """Rounding to the nearest level (u = 0.5) is biased; the harness must say so."""
-    comp = nuq.QSGDCompressor(seed=3)
-    comp._uniform = lambda xp, coll, v: torch.full(v.shape, 0.5)
+    comp = nuq.QSGDCompressor(seed=3, fused=False)
+    comp._draws = lambda xp, coll, like: types.SimpleNamespace(
+        uniform=lambda xp, v: torch.full(v.shape, 0.5))
     grads = [rank_gradient(r, D) for r in range(N)]
     true = np.mean(grads, axis=0, dtype=np.float64)
     var = exact_variance_of_average(grads, comp.scheme, shared=True)
@@ -149,7 +152,7 @@ def test_payload_is_smaller_than_float32():
     for cls in ALL:
         comp = cls()
         payload, _ = comp.compress(g)
-        limit = 0.55 if cls is nuq.NUQCompressor else 0.4
+        limit = 0.55 if cls in (nuq.NUQCompressor, nuq.TNQCompressor) else 0.4  # wider sum fields
         assert payload.numel() * payload.element_size() < limit * g.numel() * 4, cls.__name__
         payload, _ = cls(protocol="allgather").compress_for_allgather(g) if cls is not \
             nuq.GlobalQSGDCompressor else (payload, None)

@@ -1,0 +1,137 @@
+"""Two interchangeable implementations of a scheme's encode and decode steps.
+
+- GenericEngine: codec.py + wire.py over any Backend (torch CPU/CUDA, TF eager or inside
+  tf.function, NumPy); many vectorized passes.
+- FusedEngine: the C kernels (kernels.py), one pass per stage, for tensors in host memory.
+Both produce the same wire formats, so ranks may mix them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import codec, kernels, wire
+from .backends import Backend
+from .schemes import Scheme
+
+Array = Any
+_SCALE_MODES = {"l2": 0, "max": 1, "laplace": 2}
+
+
+class GenericEngine:
+    """Encode and decode with the vectorized codec on the tensor's own device."""
+
+    def __init__(self, xp: Backend, scheme: Scheme, tables: codec.Tables) -> None:
+        self.xp, self.scheme, self.tables = xp, scheme, tables
+
+    def scales(self, tensor: Array, numel: int) -> tuple[Array, Array]:
+        v = codec.to_buckets(self.xp, tensor, self.scheme.bucket_size)
+        return v, codec.local_scale(self.xp, v, self.scheme, numel)
+
+    def _indices(self, v: Array, r: Array, draws: Any) -> Array:
+        return codec.quantize(self.xp, v, r, self.tables, draws.uniform(self.xp, v))
+
+    def encode_sums(self, v: Array, r: Array, layout: wire.SumLayout, draws: Any) -> Array:
+        idx = self._indices(v, r, draws)
+        return wire.pack_sums(self.xp, codec.numerators(self.xp, idx, self.tables), layout)
+
+    def encode_codes(self, v: Array, r: Array, draws: Any) -> Array:
+        idx = self._indices(v, r, draws)
+        return wire.pack_codes(self.xp, idx, self.tables.k, self.scheme.code_bits)
+
+    def decode_sums(self, payload: Array, r: Array, layout: wire.SumLayout, nb: int) -> Array:
+        xp, bs = self.xp, self.scheme.bucket_size
+        sums, sentinel = wire.unpack_sums(xp, payload, layout, nb * bs)
+        total = codec.from_numerator_sums(xp, xp.reshape(sums, [nb, bs]), r, self.tables)
+        return total * xp.cast(sentinel / np.float64(layout.ranks), "float32")
+
+    def decode_codes(self, codes: Array, r: Array, nb: int, acc: Array | None) -> Array:
+        xp, bs = self.xp, self.scheme.bucket_size
+        idx = wire.unpack_codes(xp, codes, self.tables.k, self.scheme.code_bits, nb * bs)
+        q = codec.dequantize(xp, xp.reshape(idx, [nb, bs]), r, self.tables)
+        return q if acc is None else acc + q
+
+    def finish_codes(self, acc: Array, like: Array, nb: int) -> Array:
+        return acc
+
+
+class FusedEngine(GenericEngine):
+    """The same steps through the C kernels, on numpy views of host tensors (no copies for
+    contiguous float32 CPU tensors)."""
+
+    def __init__(self, xp: Backend, scheme: Scheme, tables: codec.Tables, lib: Any) -> None:
+        super().__init__(xp, scheme, tables)
+        self.lib = lib
+        host = tables._host
+        self._levels = np.ascontiguousarray(host["levels"], dtype=np.float32)
+        self._signed_values = np.ascontiguousarray(host["signed_values"], dtype=np.float32)
+        self._signed_num = np.ascontiguousarray(host["signed_numerators"], dtype=np.int64)
+
+    def _np(self, x: Array, dtype) -> np.ndarray:
+        return np.ascontiguousarray(self.xp.to_numpy(x).reshape(-1), dtype=dtype)
+
+    def scales(self, tensor: Array, numel: int) -> tuple[Array, Array]:
+        x = self._np(self.xp.cast(tensor, "float32"), np.float32)
+        s = self.scheme
+        r = np.empty(codec.n_buckets(numel, s.bucket_size), np.float32)
+        self.lib.nuq_scales(kernels.ptr(x, kernels._F), numel, s.bucket_size, _SCALE_MODES[s.scale],
+                            float(s.truncation or 0.0), kernels.ptr(r, kernels._F))
+        return x, self.xp.constant(r, tensor)
+
+    def encode_sums(self, x: np.ndarray, r: Array, layout: wire.SumLayout, draws: Any) -> Array:
+        s, t = self.scheme, self.tables
+        rn = self._np(r, np.float32)
+        out = np.empty(layout.words(rn.size * s.bucket_size) + 1, np.float64)
+        out[-1] = 1.0  # sentinel
+        self.lib.nuq_encode_sums(kernels.ptr(x, kernels._F), x.size, s.bucket_size, kernels.ptr(rn, kernels._F),
+                                 kernels.ptr(self._levels, kernels._F), kernels.ptr(self._signed_num, kernels._I64),
+                                 t.k, int(t.uniform), draws.key(), layout.width, layout.per_word,
+                                 layout.bound, kernels.ptr(out, kernels._D))
+        return self.xp.constant(out, r)
+
+    def encode_codes(self, x: np.ndarray, r: Array, draws: Any) -> Array:
+        s, t = self.scheme, self.tables
+        rn = self._np(r, np.float32)
+        out = np.empty(wire.packed_code_bytes(rn.size * s.bucket_size, s.code_bits), np.uint8)
+        self.lib.nuq_encode_codes(kernels.ptr(x, kernels._F), x.size, s.bucket_size, kernels.ptr(rn, kernels._F),
+                                  kernels.ptr(self._levels, kernels._F), t.k, int(t.uniform), draws.key(),
+                                  s.code_bits, kernels.ptr(out, kernels._U8))
+        return self.xp.constant(out, r)
+
+    def decode_sums(self, payload: Array, r: Array, layout: wire.SumLayout, nb: int) -> Array:
+        bs = self.scheme.bucket_size
+        p = self._np(payload, np.float64)
+        if p.size != layout.words(nb * bs) + 1:
+            raise ValueError(f"summable payload: expected {layout.words(nb * bs) + 1} float64 words, got {p.size}")
+        sentinel = float(p[-1])
+        if not (np.isfinite(sentinel) and sentinel > 0):
+            raise ValueError(wire.BAD_SENTINEL)
+        rn = self._np(r, np.float32)
+        out = np.empty(nb * bs, np.float32)
+        bad = self.lib.nuq_decode_sums(
+            kernels.ptr(p, kernels._D), nb * bs, bs, layout.ranks / sentinel, layout.width,
+            layout.per_word, layout.bound * layout.ranks, kernels.ptr(rn, kernels._F),
+            np.float32(sentinel / layout.ranks / self.tables.denominator), kernels.ptr(out, kernels._F))
+        if bad:
+            raise ValueError(wire.not_integer_message(layout.ranks))
+        return self.xp.reshape(self.xp.constant(out, r), [nb, bs])
+
+    def decode_codes(self, codes: Array, r: Array, nb: int, acc: Array | None) -> Array:
+        s = self.scheme
+        c = self._np(codes, np.uint8)
+        expected = wire.packed_code_bytes(nb * s.bucket_size, s.code_bits)
+        if c.size != expected:
+            raise ValueError(f"packed codes: expected {expected} bytes, got {c.size}")
+        rn = self._np(r, np.float32)
+        out = np.empty(nb * s.bucket_size, np.float32) if acc is None else acc
+        bad = self.lib.nuq_decode_codes(kernels.ptr(c, kernels._U8), out.size, s.bucket_size,
+                                        kernels.ptr(rn, kernels._F), kernels.ptr(self._signed_values, kernels._F),
+                                        self.tables.k, s.code_bits, kernels.ptr(out, kernels._F), int(acc is None))
+        if bad:
+            raise ValueError(f"packed codes: a code exceeds 2k = {2 * self.tables.k}: the payload is "
+                             "corrupt or was made with other settings")
+        return out
+
+    def finish_codes(self, acc: np.ndarray, like: Array, nb: int) -> Array:
+        return self.xp.reshape(self.xp.constant(acc, like), [nb, self.scheme.bucket_size])

@@ -1,0 +1,111 @@
+"""Fused CPU kernels (csrc/nuq_kernels.c), compiled once per machine and loaded with ctypes.
+
+`load()` compiles the C source with the system C compiler (OpenMP if available) into
+~/.cache/horovod-nuq/kernels/ the first time (scripts/setup.sh does it at install time) and
+returns None when no compiler is available; callers then use the generic codec.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+SOURCE = Path(__file__).with_name("csrc") / "nuq_kernels.c"
+_lib: ctypes.CDLL | None | bool = False  # False: not tried yet
+
+_F = ctypes.POINTER(ctypes.c_float)
+_D = ctypes.POINTER(ctypes.c_double)
+_U8 = ctypes.POINTER(ctypes.c_uint8)
+_I64 = ctypes.POINTER(ctypes.c_int64)
+_i64, _int, _u64, _f32, _f64 = ctypes.c_int64, ctypes.c_int, ctypes.c_uint64, ctypes.c_float, ctypes.c_double
+
+_SIGNATURES = {
+    "nuq_scales": (None, [_F, _i64, _i64, _int, _f32, _F]),
+    "nuq_encode_codes": (None, [_F, _i64, _i64, _F, _F, _int, _int, _u64, _int, _U8]),
+    "nuq_encode_sums": (None, [_F, _i64, _i64, _F, _F, _I64, _int, _int, _u64, _int, _int, _i64, _D]),
+    "nuq_decode_codes": (_int, [_U8, _i64, _i64, _F, _F, _int, _int, _F, _int]),
+    "nuq_decode_sums": (_int, [_D, _i64, _i64, _f64, _int, _int, _i64, _F, _f32, _F]),
+}
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("HOROVOD_NUQ_CACHE") or os.path.join(Path.home(), ".cache", "horovod-nuq")
+    return Path(root) / "kernels"
+
+
+def _compile(target: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler found (set CC)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        base = [cc, "-O3", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC", str(SOURCE),
+                "-o", str(out), "-lm"]
+        for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], []):  # best first
+            try:
+                subprocess.run(base[:2] + extra + base[2:], check=True, capture_output=True)
+                break
+            except subprocess.CalledProcessError:
+                if not extra:
+                    raise
+        os.replace(out, target)  # atomic: concurrent ranks never load a half-written file
+
+
+def _cpu_flags() -> bytes:
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        return b""
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernel library, compiling it on first use; None if that is impossible."""
+    global _lib
+    if _lib is not False:
+        return _lib
+    if os.environ.get("HOROVOD_NUQ_KERNELS", "1") == "0":
+        _lib = None
+        return None
+    # built with -march=native: the cache key includes this machine's CPU features
+    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags()).hexdigest()[:16]
+    path = _cache_dir() / f"nuq_kernels_{digest}.so"
+    try:
+        if not path.exists():
+            _compile(path)
+        lib = ctypes.CDLL(str(path))
+        for name, (res, args) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+        _lib = lib
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        warnings.warn(f"horovod_nuq: fused CPU kernels unavailable ({e}); using the generic codec",
+                      RuntimeWarning, stacklevel=2)
+        _lib = None
+    return _lib
+
+
+def ptr(a: np.ndarray, kind):
+    """A ctypes pointer to a contiguous numpy array's data."""
+    return a.ctypes.data_as(kind)
+
+
+def key_stream(seed: int):
+    """Per-call 64-bit keys for the counter-based draws: SplitMix64 of (seed, call index)."""
+    state = np.uint64(seed)
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        while True:
+            state = state + golden
+            z = state
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            yield int(z ^ (z >> np.uint64(31)))
