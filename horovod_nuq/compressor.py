@@ -179,10 +179,11 @@ class Compressor:
         if self.fused is not False and xp.on_host(tensor):
             lib = kernels.load()
             if lib is not None:
-                return engines.FusedEngine(xp, self.scheme, self._tables, lib)
+                cls = engines.GraphFusedEngine if xp.symbolic(tensor) else engines.FusedEngine
+                return cls(xp, self.scheme, self._tables, lib)
         if self.fused:
             raise RuntimeError("fused=True, but the fused CPU kernels cannot run here "
-                               "(tensor not in host memory, inside a graph, or no C compiler)")
+                               "(tensor not in host memory, or no C compiler)")
         return engines.GenericEngine(xp, self.scheme, self._tables)
 
     def _agree_scale(self, xp: Backend, coll: Any, r: Any) -> Any:

@@ -135,3 +135,51 @@ class FusedEngine(GenericEngine):
 
     def finish_codes(self, acc: np.ndarray, like: Array, nb: int) -> Array:
         return self.xp.reshape(self.xp.constant(acc, like), [nb, self.scheme.bucket_size])
+
+
+class GraphFusedEngine(GenericEngine):
+    """The fused kernels inside a tf.function: each stage runs as a tf.numpy_function on the
+    host arrays (a graph op that calls the kernels at run time, drawing fresh keys per run)."""
+
+    def __init__(self, xp: Backend, scheme: Scheme, tables: codec.Tables, lib: Any) -> None:
+        super().__init__(xp, scheme, tables)
+        from .backends.numpy import NumpyBackend
+
+        self.host = FusedEngine(NumpyBackend.instance(), scheme, tables, lib)
+
+    def _call(self, fn, args: list, dtype: str, size: int) -> Array:
+        import tensorflow as tf
+
+        out = tf.numpy_function(fn, args, self.xp.cast(tf.zeros([0]), dtype).dtype, stateful=True)
+        out.set_shape([size])
+        return out
+
+    def scales(self, tensor: Array, numel: int) -> tuple[Array, Array]:
+        x = self.xp.reshape(self.xp.cast(tensor, "float32"), [-1])
+        nb = codec.n_buckets(numel, self.scheme.bucket_size)
+        r = self._call(lambda a: self.host.scales(a, numel)[1], [x], "float32", nb)
+        return x, r
+
+    def encode_sums(self, x: Array, r: Array, layout: wire.SumLayout, draws: Any) -> Array:
+        size = layout.words(self.xp.numel(r) * self.scheme.bucket_size) + 1
+        return self._call(lambda a, s: self.host.encode_sums(a, s, layout, draws), [x, r], "float64", size)
+
+    def encode_codes(self, x: Array, r: Array, draws: Any) -> Array:
+        size = wire.packed_code_bytes(self.xp.numel(r) * self.scheme.bucket_size, self.scheme.code_bits)
+        return self._call(lambda a, s: self.host.encode_codes(a, s, draws), [x, r], "uint8", size)
+
+    def decode_sums(self, payload: Array, r: Array, layout: wire.SumLayout, nb: int) -> Array:
+        bs = self.scheme.bucket_size
+        flat = self._call(lambda p, s: self.host.decode_sums(p, s, layout, nb).reshape(-1),
+                          [payload, r], "float32", nb * bs)
+        return self.xp.reshape(flat, [nb, bs])
+
+    def decode_codes(self, codes: Array, r: Array, nb: int, acc: Array | None) -> Array:
+        size = nb * self.scheme.bucket_size
+        if acc is None:
+            return self._call(lambda c, s: self.host.decode_codes(c, s, nb, None), [codes, r], "float32", size)
+        return self._call(lambda c, s, a: self.host.decode_codes(c, s, nb, a.copy()),
+                          [codes, r, acc], "float32", size)
+
+    def finish_codes(self, acc: Array, like: Array, nb: int) -> Array:
+        return self.xp.reshape(acc, [nb, self.scheme.bucket_size])

@@ -100,12 +100,11 @@ def ptr(a: np.ndarray, kind):
 
 def key_stream(seed: int):
     """Per-call 64-bit keys for the counter-based draws: SplitMix64 of (seed, call index)."""
-    state = np.uint64(seed)
-    golden = np.uint64(0x9E3779B97F4A7C15)
-    with np.errstate(over="ignore"):
-        while True:
-            state = state + golden
-            z = state
-            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            yield int(z ^ (z >> np.uint64(31)))
+    mask = (1 << 64) - 1
+    state = seed & mask
+    while True:
+        state = (state + 0x9E3779B97F4A7C15) & mask
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        yield z ^ (z >> 31)

@@ -1,6 +1,7 @@
 """TensorFlow backend: pure TF ops, so the codec traces inside tf.function."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,11 @@ def _static_numel(x) -> int:
     if n is None:
         raise ValueError("horovod_nuq needs tensors of static shape inside tf.function")
     return int(n)
+
+
+@functools.lru_cache(maxsize=1)
+def _has_gpu() -> bool:
+    return bool(tf.config.list_logical_devices("GPU"))
 
 
 class TFBackend(Backend):
@@ -81,5 +87,5 @@ class TFBackend(Backend):
             return super().require(ok, message)
         tf.debugging.Assert(ok, [message])
 
-    def on_host(self, x): return tf.executing_eagerly() and "GPU" not in x.device
+    def on_host(self, x): return "GPU" not in (x.device or "") and not _has_gpu()
     def to_numpy(self, x: Any) -> np.ndarray: return x.numpy()

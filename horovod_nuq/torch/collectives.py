@@ -23,5 +23,8 @@ def gather_text(text: str, process_set: Any = None) -> list:
 
 
 def allreduce_max(x: Any, process_set: Any = None) -> Any:
+    """Synchronous Max allreduce. Compressors call it one tensor at a time, so a name that
+    depends only on the size is never in flight twice and stays in Horovod's response cache
+    from step to step (unnamed calls would get a new name each time and evict it)."""
     kw = {"process_set": process_set} if process_set is not None else {}
-    return hvd.allreduce(x, op=hvd.Max, **kw)
+    return hvd.allreduce(x, op=hvd.Max, name=f"horovod_nuq.scale.{x.numel()}", **kw)

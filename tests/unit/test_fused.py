@@ -87,3 +87,23 @@ def test_fused_handles_tiny_odd_and_nonfinite_tensors():
     x[5] = np.nan
     y = _roundtrip(H.QSGDCompressor(fused=True), x)
     assert not np.isfinite(y[:512]).any() and np.isfinite(y[512:]).all()
+
+
+@pytest.mark.parametrize("protocol", ["allreduce", "allgather"])
+def test_fused_inside_tf_function_is_unbiased(protocol):
+    tf = pytest.importorskip("tensorflow")
+    from horovod_nuq import local
+    x, T = _data(), 300
+    comp = H.NUQCompressor(seed=2, protocol=protocol, fused=True)
+    comp._collectives = lambda xp: local  # single process: no Horovod
+    if protocol == "allreduce":
+        step = tf.function(lambda t: comp.decompress(*comp.compress(t)))
+    else:
+        step = tf.function(lambda t: comp.decompress_gathered(*comp.compress_for_allgather(t)))
+    xt = tf.constant(x)
+    outs = np.stack([step(xt).numpy() for _ in range(T)]).astype(np.float64)
+    assert step.experimental_get_tracing_count() == 1
+    var = reference.coordinate_variance(x, comp.scheme)
+    live = var > 0
+    z = (outs.mean(0)[live] - x[live]) / np.sqrt(var[live] / T)
+    assert abs(np.mean(z * z) - 1) < 6 * np.sqrt(2 / live.sum()), np.mean(z * z)
