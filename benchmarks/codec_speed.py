@@ -7,6 +7,10 @@ collectives are replaced by single-process ones, so this times the codec alone.
 from __future__ import annotations
 
 import argparse
+import resource
+import subprocess
+import sys
+import threading
 import time
 
 import horovod_nuq as H
@@ -26,6 +30,44 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def peak_extra_mb(framework: str, name: str, protocol: str, mb: int) -> float:
+    """Peak resident memory added by one compress + decompress, measured in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, "--framework", framework, "--rss-probe",
+                          name, protocol, str(mb)], check=True, capture_output=True, text=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def rss_probe(framework: str, name: str, protocol: str, mb: int) -> None:
+    """Print the peak resident memory above the baseline during one compress + decompress,
+    sampled every ~0.2 ms by a thread (large buffers are mmapped, so RSS tracks them)."""
+    make, _, _ = frame(framework)
+    x = make(mb * (1 << 20) // 4)
+    comp = SCHEMES[name](seed=0, protocol=protocol)
+    comp._collectives = lambda xp: local
+    enc, dec = ((comp.compress, comp.decompress) if protocol == "allreduce"
+                else (comp.compress_for_allgather, comp.decompress_gathered))
+    dec(*enc(make(4096)))  # warm the code paths before the baseline
+    base, peak, done = _rss_mb(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.0002)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    out = dec(*enc(x))
+    done.set()
+    t.join()
+    del out
+    print(max(peak[0], _rss_mb()) - base)
+
+
 def frame(name: str):
     """(make tensor, clone, sync) for a framework."""
     if name == "torch":
@@ -41,14 +83,17 @@ def main() -> None:
     ap.add_argument("--sizes-mb", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES))
+    ap.add_argument("--memory", action="store_true", help="also measure peak extra memory (subprocesses)")
+    ap.add_argument("--rss-probe", nargs=3, metavar=("SCHEME", "PROTOCOL", "MB"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rss_probe:
+        return rss_probe(args.framework, args.rss_probe[0], args.rss_probe[1], int(args.rss_probe[2]))
     make, clone, _ = frame(args.framework)
     print(f"{'size':>6s} {'scheme':10s} {'protocol':9s} {'compress':>9s} {'decompress':>10s} "
-          f"{'both GB/s':>9s} {'clone GB/s':>10s} {'ratio':>6s}")
+          f"{'both GB/s':>9s} {'clone GB/s':>10s} {'ratio':>6s}" + ("  peak extra MB" if args.memory else ""))
     for mb in args.sizes_mb:
         n = mb * (1 << 20) // 4
         x = make(n)
-        t_clone = best_of(lambda x=x: clone(x), args.repeats)
         for name in args.schemes:
             for protocol in ("allreduce", "allgather"):
                 if protocol == "allgather" and name == "globalqsgd":
@@ -60,12 +105,14 @@ def main() -> None:
                 else:
                     enc, dec = comp.compress_for_allgather, comp.decompress_gathered
                 payload, ctx = enc(x)
+                t_clone = best_of(lambda x=x: clone(x), args.repeats)  # re-measured: load drifts
                 t_enc = best_of(lambda enc=enc, x=x: enc(x), args.repeats)
                 t_dec = best_of(lambda dec=dec, p=payload, c=ctx: dec(p, c), args.repeats)
                 gb = 4 * n / 1e9
                 both = gb / (t_enc + t_dec)
+                mem = f"  {peak_extra_mb(args.framework, name, protocol, mb):12.1f}" if args.memory else ""
                 print(f"{mb:4d}MB {name:10s} {protocol:9s} {gb / t_enc:8.3f}  {gb / t_dec:9.3f}  "
-                      f"{both:9.3f} {gb / t_clone:10.3f} {both / (gb / t_clone):6.2f}", flush=True)
+                      f"{both:9.3f} {gb / t_clone:10.3f} {both / (gb / t_clone):6.2f}{mem}", flush=True)
     print("GB/s = float32 input bytes per second; ratio = (compress + decompress) vs clone")
 
 

@@ -149,10 +149,9 @@ class Compressor:
                        f"allgather payload of rank {i} was made with other compressor settings or "
                        f"another tensor size than this rank's {self.scheme.describe()} for "
                        f"{ctx.numel} elements (or is corrupt). Give every rank the same compressor.")
-            acc = engine.decode_codes(codes, xp.bitcast(scale_bytes, "float32"), nb, acc)
+            acc = engine.decode_codes(codes, xp.bitcast(scale_bytes, "float32"), nb, acc,
+                                      1.0 / ranks if average else 1.0)
         acc = engine.finish_codes(acc, gathered, nb)
-        if average:
-            acc = acc / np.float32(ranks)
         return codec.from_buckets(xp, acc, ctx.numel, ctx.shape, ctx.dtype)
 
     # ---- helpers -------------------------------------------------------------------------

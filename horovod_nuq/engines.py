@@ -46,10 +46,11 @@ class GenericEngine:
         total = codec.from_numerator_sums(xp, xp.reshape(sums, [nb, bs]), r, self.tables)
         return total * xp.cast(sentinel / np.float64(layout.ranks), "float32")
 
-    def decode_codes(self, codes: Array, r: Array, nb: int, acc: Array | None) -> Array:
+    def decode_codes(self, codes: Array, r: Array, nb: int, acc: Array | None, scale: float = 1.0) -> Array:
+        """Add r * level (times `scale`, e.g. 1 / ranks) of one rank's codes into acc."""
         xp, bs = self.xp, self.scheme.bucket_size
         idx = wire.unpack_codes(xp, codes, self.tables.k, self.scheme.code_bits, nb * bs)
-        q = codec.dequantize(xp, xp.reshape(idx, [nb, bs]), r, self.tables)
+        q = codec.dequantize(xp, xp.reshape(idx, [nb, bs]), r * np.float32(scale), self.tables)
         return q if acc is None else acc + q
 
     def finish_codes(self, acc: Array, like: Array, nb: int) -> Array:
@@ -117,7 +118,7 @@ class FusedEngine(GenericEngine):
             raise ValueError(wire.not_integer_message(layout.ranks))
         return self.xp.reshape(self.xp.constant(out, r), [nb, bs])
 
-    def decode_codes(self, codes: Array, r: Array, nb: int, acc: Array | None) -> Array:
+    def decode_codes(self, codes: Array, r: Array, nb: int, acc: Array | None, scale: float = 1.0) -> Array:
         s = self.scheme
         c = self._np(codes, np.uint8)
         expected = wire.packed_code_bytes(nb * s.bucket_size, s.code_bits)
@@ -127,7 +128,8 @@ class FusedEngine(GenericEngine):
         out = np.empty(nb * s.bucket_size, np.float32) if acc is None else acc
         bad = self.lib.nuq_decode_codes(kernels.ptr(c, kernels._U8), out.size, s.bucket_size,
                                         kernels.ptr(rn, kernels._F), kernels.ptr(self._signed_values, kernels._F),
-                                        self.tables.k, s.code_bits, kernels.ptr(out, kernels._F), int(acc is None))
+                                        self.tables.k, s.code_bits, np.float32(scale), kernels.ptr(out, kernels._F),
+                                        int(acc is None))
         if bad:
             raise ValueError(f"packed codes: a code exceeds 2k = {2 * self.tables.k}: the payload is "
                              "corrupt or was made with other settings")
@@ -174,11 +176,12 @@ class GraphFusedEngine(GenericEngine):
                           [payload, r], "float32", nb * bs)
         return self.xp.reshape(flat, [nb, bs])
 
-    def decode_codes(self, codes: Array, r: Array, nb: int, acc: Array | None) -> Array:
+    def decode_codes(self, codes: Array, r: Array, nb: int, acc: Array | None, scale: float = 1.0) -> Array:
         size = nb * self.scheme.bucket_size
         if acc is None:
-            return self._call(lambda c, s: self.host.decode_codes(c, s, nb, None), [codes, r], "float32", size)
-        return self._call(lambda c, s, a: self.host.decode_codes(c, s, nb, a.copy()),
+            return self._call(lambda c, s: self.host.decode_codes(c, s, nb, None, scale), [codes, r],
+                              "float32", size)
+        return self._call(lambda c, s, a: self.host.decode_codes(c, s, nb, a.copy(), scale),
                           [codes, r, acc], "float32", size)
 
     def finish_codes(self, acc: Array, like: Array, nb: int) -> Array:

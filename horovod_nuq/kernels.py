@@ -30,7 +30,7 @@ _SIGNATURES = {
     "nuq_scales": (None, [_F, _i64, _i64, _int, _f32, _F]),
     "nuq_encode_codes": (None, [_F, _i64, _i64, _F, _F, _int, _int, _u64, _int, _U8]),
     "nuq_encode_sums": (None, [_F, _i64, _i64, _F, _F, _I64, _int, _int, _u64, _int, _int, _i64, _D]),
-    "nuq_decode_codes": (_int, [_U8, _i64, _i64, _F, _F, _int, _int, _F, _int]),
+    "nuq_decode_codes": (_int, [_U8, _i64, _i64, _F, _F, _int, _int, _f32, _F, _int]),
     "nuq_decode_sums": (_int, [_D, _i64, _i64, _f64, _int, _int, _i64, _F, _f32, _F]),
 }
 

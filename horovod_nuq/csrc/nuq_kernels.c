@@ -123,14 +123,24 @@ void nuq_encode_codes(const float *x, int64_t n, int64_t B, const float *r, cons
         int64_t g0 = c * CHUNK_WORDS, g1 = g0 + CHUNK_WORDS < groups ? g0 + CHUNK_WORDS : groups;
         int64_t i1 = 8 * g1 < nb * B ? 8 * g1 : nb * B;
         quant_range(x, n, B, r, lv, k, uniform, key, 8 * g0, i1, idx);
-        for (int64_t g = g0; g < g1; g++) {
-            uint64_t word = 0;
-            for (int t = 0; t < 8; t++) {
-                int64_t i = 8 * g + t;
-                int v = i < i1 ? idx[i - 8 * g0] : 0;
-                word |= (uint64_t)(v + k) << (bits * t);
+        for (int64_t i = i1; i < 8 * g1; i++) idx[i - 8 * g0] = 0;  /* tail of the last group */
+        const int len = (int)(8 * (g1 - g0));
+        uint8_t *o = out + g0 * bits;
+        if (bits == 8) {          /* byte-aligned widths: simple loops the compiler vectorizes */
+            for (int t = 0; t < len; t++) o[t] = (uint8_t)(idx[t] + k);
+        } else if (bits == 4) {
+            for (int t = 0; t < len / 2; t++)
+                o[t] = (uint8_t)((idx[2 * t] + k) | (idx[2 * t + 1] + k) << 4);
+        } else if (bits == 2) {
+            for (int t = 0; t < len / 4; t++)
+                o[t] = (uint8_t)((idx[4 * t] + k) | (idx[4 * t + 1] + k) << 2 |
+                                 (idx[4 * t + 2] + k) << 4 | (idx[4 * t + 3] + k) << 6);
+        } else {
+            for (int64_t g = 0; g < g1 - g0; g++) {
+                uint64_t word = 0;
+                for (int t = 0; t < 8; t++) word |= (uint64_t)(idx[8 * g + t] + k) << (bits * t);
+                for (int j = 0; j < bits; j++) o[g * bits + j] = (uint8_t)(word >> (8 * j));
             }
-            for (int j = 0; j < bits; j++) out[g * bits + j] = (uint8_t)(word >> (8 * j));
         }
     }
 }
@@ -161,25 +171,50 @@ void nuq_encode_sums(const float *x, int64_t n, int64_t B, const float *r, const
     }
 }
 
+/* out[i0..i1) = (or +=) table[c[i - i0]] * r[bucket] * scale, one bucket segment at a time. */
+static void scale_range(const int *c, const float *table, const float *r, float scale, int64_t B,
+                        int64_t i0, int64_t i1, float *out, int first) {
+    for (int64_t b = i0 / B; b * B < i1; b++) {
+        int64_t lo = b * B > i0 ? b * B : i0, hi = (b + 1) * B < i1 ? (b + 1) * B : i1;
+        const float rb = r[b] * scale;
+        const int *cs = c + (lo - i0);
+        float *o = out + lo;
+        const int len = (int)(hi - lo);
+        if (first) for (int t = 0; t < len; t++) o[t] = table[cs[t]] * rb;
+        else for (int t = 0; t < len; t++) o[t] += table[cs[t]] * rb;
+    }
+}
+
 /* Decode one rank's allgather codes and add r * level into acc (or store when first).
  * Returns 1 if a code exceeded 2k (corrupt payload). */
 int nuq_decode_codes(const uint8_t *in, int64_t count, int64_t B, const float *r, const float *signed_values,
-                     int k, int bits, float *acc, int first) {
-    int64_t groups = (count + 7) / 8;
-    uint64_t mask = (bits == 64) ? ~0ULL : ((1ULL << bits) - 1);
+                     int k, int bits, float scale, float *acc, int first) {
+    int64_t groups = (count + 7) / 8, chunks = (groups + CHUNK_WORDS - 1) / CHUNK_WORDS;
+    const uint64_t mask = (1ULL << bits) - 1;
     int bad = 0;
     #pragma omp parallel for schedule(static) reduction(| : bad)
-    for (int64_t g = 0; g < groups; g++) {
-        uint64_t word = 0;
-        for (int j = 0; j < bits; j++) word |= (uint64_t)in[g * bits + j] << (8 * j);
-        for (int t = 0; t < 8; t++) {
-            int64_t i = 8 * g + t;
-            if (i >= count) break;
-            int c = (int)((word >> (bits * t)) & mask);
-            if (c > 2 * k) { bad = 1; c = k; }
-            float v = signed_values[c] * r[i / B];
-            acc[i] = first ? v : acc[i] + v;
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        int c[8 * CHUNK_WORDS];
+        int64_t g0 = ch * CHUNK_WORDS, g1 = g0 + CHUNK_WORDS < groups ? g0 + CHUNK_WORDS : groups;
+        int64_t i0 = 8 * g0, i1 = 8 * g1 < count ? 8 * g1 : count;
+        const uint8_t *p = in + g0 * bits;
+        const int len = (int)(8 * (g1 - g0));
+        if (bits == 8) {
+            for (int t = 0; t < len; t++) c[t] = p[t];
+        } else if (bits == 4) {
+            for (int t = 0; t < len / 2; t++) { c[2 * t] = p[t] & 15; c[2 * t + 1] = p[t] >> 4; }
+        } else {
+            for (int64_t g = 0; g < g1 - g0; g++) {
+                uint64_t word = 0;
+                for (int j = 0; j < bits; j++) word |= (uint64_t)p[g * bits + j] << (8 * j);
+                for (int t = 0; t < 8; t++) c[8 * g + t] = (int)((word >> (bits * t)) & mask);
+            }
         }
+        for (int t = 0; t < len; t++) {
+            bad |= c[t] > 2 * k;
+            c[t] = c[t] > 2 * k ? k : c[t];
+        }
+        scale_range(c, signed_values, r, scale, B, i0, i1, acc, first);
     }
     return bad;
 }
@@ -189,18 +224,26 @@ int nuq_decode_codes(const uint8_t *in, int64_t count, int64_t B, const float *r
 int nuq_decode_sums(const double *words, int64_t count, int64_t B, double factor, int width, int per,
                     int64_t offset, const float *r, float scale, float *out) {
     int64_t nw = (count + per - 1) / per;
-    uint64_t mask = (1ULL << width) - 1;
+    const int64_t cw = CHUNK_WORDS / 4;
+    int64_t chunks = (nw + cw - 1) / cw;
+    const uint64_t mask = (1ULL << width) - 1;
     int bad = 0;
     #pragma omp parallel for schedule(static) reduction(| : bad)
-    for (int64_t w = 0; w < nw; w++) {
-        double y = words[w] * factor, ry = nearbyint(y);
-        if (!(fabs(y - ry) < 0.25) || ry < 0.0 || ry >= 9007199254740992.0) { bad = 1; ry = 0.0; }
-        uint64_t W = (uint64_t)ry;
-        for (int t = 0; t < per; t++) {
-            int64_t i = w * per + t;
-            if (i >= count) break;
-            int64_t s = (int64_t)((W >> (width * t)) & mask) - offset;
-            out[i] = (float)s * (r[i / B] * scale);
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        float s[32 * CHUNK_WORDS / 4];
+        int64_t w0 = ch * cw, w1 = w0 + cw < nw ? w0 + cw : nw;
+        int64_t i0 = w0 * per, i1 = w1 * per < count ? w1 * per : count;
+        for (int64_t w = w0; w < w1; w++) {
+            double y = words[w] * factor, ry = nearbyint(y);
+            if (!(fabs(y - ry) < 0.25) || ry < 0.0 || ry >= 9007199254740992.0) { bad = 1; ry = 0.0; }
+            uint64_t W = (uint64_t)ry;
+            for (int t = 0; t < per; t++)
+                s[(w - w0) * per + t] = (float)((int64_t)((W >> (width * t)) & mask) - offset);
+        }
+        for (int64_t b = i0 / B; b * B < i1; b++) {
+            int64_t lo = b * B > i0 ? b * B : i0, hi = (b + 1) * B < i1 ? (b + 1) * B : i1;
+            const float rb = r[b] * scale;
+            for (int64_t i = lo; i < hi; i++) out[i] = s[i - i0] * rb;
         }
     }
     return bad;
