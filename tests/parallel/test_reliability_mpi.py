@@ -1,12 +1,13 @@
 """Reliability under real collectives (torch): mismatched ranks, non-finite gradients, odd layouts."""
 import horovod.torch as hvd
+import numpy as np
 import pytest
 import torch
 from harness import digest, rank_gradient
 
 import horovod_nuq.torch as nuq
 
-hvd.init()
+hvd.init(process_sets="dynamic")  # lets a test add a process set
 N, RANK = hvd.size(), hvd.rank()
 pytestmark = pytest.mark.skipif(N < 2, reason="needs at least 2 ranks")
 
@@ -70,3 +71,25 @@ def test_too_many_ranks_for_the_word_is_refused():
     comp = nuq.QSGDCompressor(bits=8)  # 255 values per field: fine for 2 ranks, not for 2^20
     with pytest.raises(ValueError, match="fewer bits"):
         comp._layout(1 << 20)
+
+
+@pytest.mark.parametrize("protocol", ["allreduce", "allgather"])
+def test_process_set_sizes_the_fields_and_reduces_over_its_ranks(protocol):
+    """A compressor over a 2-rank process set of a larger world averages those ranks only."""
+    if N < 3:
+        pytest.skip("needs a process set smaller than the world (run with 4 ranks)")
+    ps = hvd.add_process_set([0, 1])
+    try:
+        if RANK in (0, 1):
+            comp = nuq.QSGDInfCompressor(bits=8, process_set=ps, protocol=protocol)
+            g = torch.from_numpy(rank_gradient(RANK, 1000))
+            if protocol == "allreduce":
+                out = hvd.allreduce(g, compression=comp, process_set=ps)
+                assert comp._layout(ps.size()).ranks == 2
+            else:
+                payload, ctx = comp.compress_for_allgather(g)
+                out = comp.decompress_gathered(hvd.allgather(payload, process_set=ps), ctx)
+            want = (rank_gradient(0, 1000) + rank_gradient(1, 1000)) / 2
+            assert np.abs(out.numpy() - want).max() < 0.02 * np.abs(want).max()
+    finally:
+        hvd.remove_process_set(ps)
