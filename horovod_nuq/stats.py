@@ -8,13 +8,17 @@ from dataclasses import dataclass, field
 class WireStats:
     """Running totals of payload bytes handed to collectives, and the float32 bytes they replace.
 
-    `mark_step()` closes a training step; `steps` then lists bytes sent per step.
+    `mark_step()` closes a training step; `steps` then lists bytes sent per step, and
+    `step_tensors` the (elements, bytes sent) of each tensor of the last closed step (eager
+    calls; inside tf.function only the totals are counted, by graph-side counters).
     """
 
     _sent: int = 0
     _float32: int = 0
     _count: int = 0
     steps: list = field(default_factory=list)
+    step_tensors: list = field(default_factory=list)
+    _open_tensors: list = field(default_factory=list)
     _step_start: int = 0
     _graph_counters: object = None  # set by the TensorFlow frontend for graph-mode counting
 
@@ -22,6 +26,7 @@ class WireStats:
         self._sent += int(sent)
         self._float32 += 4 * int(numel)
         self._count += 1
+        self._open_tensors.append((int(numel), int(sent)))
 
     def _totals(self) -> tuple[int, int, int]:
         extra = self._graph_counters.read() if self._graph_counters is not None else (0, 0, 0)
@@ -56,11 +61,13 @@ class WireStats:
         sent = total - self._step_start
         self.steps.append(sent)
         self._step_start = total
+        self.step_tensors, self._open_tensors = self._open_tensors, []
         return sent
 
     def reset(self) -> None:
         self._sent = self._float32 = self._count = self._step_start = 0
         self.steps.clear()
+        self.step_tensors, self._open_tensors = [], []
         if self._graph_counters is not None:
             self._graph_counters.reset()
 

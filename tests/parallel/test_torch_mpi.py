@@ -159,11 +159,20 @@ def test_payload_is_smaller_than_float32():
         assert payload.numel() * payload.element_size() < limit * g.numel() * 4, cls.__name__
 
 
-def _train(opt_factory, steps=25, sparse=False):
-    torch.manual_seed(0)  # same init on every rank
+def _build():
+    """A small classifier plus a layer that never gets a gradient; same init on every rank."""
+    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-    unused = torch.nn.Linear(3, 3)  # a parameter that never gets a gradient
-    params = list(model.named_parameters()) + [("unused." + k, v) for k, v in unused.named_parameters()]
+    unused = torch.nn.Linear(3, 3)
+    return model, list(model.named_parameters()) + [("unused." + k, v) for k, v in unused.named_parameters()]
+
+
+def _model_params():
+    return [p for _, p in _build()[1]]
+
+
+def _train(opt_factory, steps=25):
+    model, params = _build()
     opt = opt_factory(torch.optim.SGD([p for _, p in params], lr=0.5, momentum=0.9), params)
     hvd.broadcast_parameters(dict(params), root_rank=0)
     gen = torch.Generator().manual_seed(100 + RANK)
@@ -197,6 +206,9 @@ def test_training_allgather_optimizer(cls):
     assert all_same(flat)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
     assert len(comp.stats.steps) == 25 and comp.stats.steps[-1] > 0
+    per_tensor = comp.stats.step_tensors  # (elements, bytes) of each gradient of the last step
+    assert sorted(n for n, _ in per_tensor) == sorted(p.numel() for p in _model_params())
+    assert sum(b for _, b in per_tensor) == comp.stats.steps[-1]
 
 
 @pytest.mark.parametrize("protocol", ["allreduce", "allgather"])
