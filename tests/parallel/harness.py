@@ -47,9 +47,11 @@ def mean_z2(mean: np.ndarray, true: np.ndarray, var: np.ndarray, rounds: int) ->
     return float(np.mean(z * z)), 6.0 * np.sqrt(2.0 / live.sum())
 
 
-def check_unbiased(mean: np.ndarray, true: np.ndarray, var: np.ndarray, rounds: int) -> None:
+def check_unbiased(mean: np.ndarray, true: np.ndarray, var: np.ndarray, rounds: int) -> float:
+    """Assert the mean squared z-score is 1 within its tolerance; return it."""
     z2, tol = mean_z2(mean, true, var, rounds)
     assert abs(z2 - 1.0) < tol, f"mean z^2 = {z2:.3f}, expected 1 +- {tol:.3f}: biased or wrong variance"
+    return z2
 
 
 def check_variance(outs: np.ndarray, true: np.ndarray, var: np.ndarray) -> tuple[float, float]:
