@@ -15,6 +15,7 @@ from harness import (
 )
 
 import horovod_nuq.torch as nuq
+from horovod_nuq import bounds
 
 hvd.init()
 N, RANK = hvd.size(), hvd.rank()
@@ -24,6 +25,10 @@ ALL = [nuq.QSGDCompressor, nuq.QSGDInfCompressor, nuq.NUQCompressor, nuq.TNQComp
        nuq.GlobalQSGDCompressor]
 UNBIASED = [c for c in ALL if c is not nuq.TNQCompressor]
 PER_RANK = [nuq.QSGDCompressor, nuq.QSGDInfCompressor, nuq.NUQCompressor, nuq.TNQCompressor]
+
+
+PAPER_BOUNDS = {("qsgd", "allgather"): bounds.qsgd, ("qsgdinf", "allgather"): bounds.qsgd_inf,
+                ("nuqsgd", "allgather"): bounds.nuq}
 
 
 def all_same(t: torch.Tensor) -> bool:
@@ -62,6 +67,12 @@ def test_unbiased_and_variance_across_ranks(cls, protocol):
     z2 = check_unbiased(mean, true, var, ROUNDS)
     measured, expected = check_variance(outs, true, var)
     alone = np.mean([exact_variance_of_average([g], comp.scheme, shared=False).sum() for g in grads])
+    coefficient = PAPER_BOUNDS.get((comp.scheme.name, protocol))
+    if coefficient:  # the paper's per-worker bound, divided by N: independent ranks average it down
+        b, k = comp.scheme.bucket_size, comp.scheme.levels.k
+        norms = sum(np.sum(np.pad(g.astype(np.float64), (0, -len(g) % b)).reshape(-1, b) ** 2) for g in grads)
+        bound = coefficient(b, k) * norms / N**2
+        assert measured <= bound, f"variance {measured:.4g} above the paper's bound / N = {bound:.4g}"
     if RANK == 0:
         print(f"\n{cls.__name__}/{protocol} N={N}: mean z^2={z2:.3f}; E||avg-true||^2 measured "
               f"{measured:.4g}, exact {expected:.4g}; a rank alone {alone:.4g} (ratio {measured / alone:.3f})")
