@@ -166,7 +166,8 @@ class Compressor:
 
     def _collectives(self, xp: Backend) -> Any:
         name = _COLLECTIVES.get(xp.name, "horovod_nuq.local")
-        return sys.modules.get(name) or importlib.import_module(name)
+        module = sys.modules.get(name) or importlib.import_module(name)
+        return getattr(module, "COLLECTIVES", module)
 
     def _context(self, xp: Backend, tensor: Any) -> Context:
         numel = xp.numel(tensor)

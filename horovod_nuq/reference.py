@@ -27,16 +27,9 @@ def bucket_scales(v: np.ndarray, scheme: Scheme) -> np.ndarray:
 def quantize(v: np.ndarray, scheme: Scheme, u: np.ndarray, scales: np.ndarray | None = None) -> np.ndarray:
     """Q(v) with uniforms u (same shape as the zero-padded buckets); scales override r(v)."""
     lv = scheme.levels.values
-    r_all = bucket_scales(v, scheme) if scales is None else np.asarray(scales, np.float64)
     u = np.asarray(u).reshape(-1, scheme.bucket_size)
     out = []
-    for i, b in enumerate(_buckets(v, scheme.bucket_size)):
-        r = r_all[i]
-        if r == 0:
-            out.append(np.zeros_like(b))
-            continue
-        x = np.minimum(np.abs(b) / r, 1.0)
-        j = np.clip(np.searchsorted(lv, x, side="right") - 1, 0, len(lv) - 2)
+    for i, (b, r, x, j) in enumerate(_positions(v, scheme, scales)):
         p = (x - lv[j]) / (lv[j + 1] - lv[j])
         level = np.where(u[i, : b.size] < p, lv[j + 1], lv[j])
         out.append(np.sign(b) * level * r)
@@ -46,22 +39,23 @@ def quantize(v: np.ndarray, scheme: Scheme, u: np.ndarray, scales: np.ndarray | 
 def coordinate_variance(v: np.ndarray, scheme: Scheme, scales: np.ndarray | None = None) -> np.ndarray:
     """Exact per-coordinate Var[Q(v)_i] = r^2 (l_{j+1} - x)(x - l_j), shaped like v."""
     lv = scheme.levels.values
-    r_all = bucket_scales(v, scheme) if scales is None else np.asarray(scales, np.float64)
-    out = []
-    for i, b in enumerate(_buckets(v, scheme.bucket_size)):
-        r = r_all[i]
-        if r == 0:
-            out.append(np.zeros_like(b))
-            continue
-        x = np.minimum(np.abs(b) / r, 1.0)
-        j = np.clip(np.searchsorted(lv, x, side="right") - 1, 0, len(lv) - 2)
-        out.append(r * r * (lv[j + 1] - x) * (x - lv[j]))
+    out = [r * r * (lv[j + 1] - x) * (x - lv[j]) for b, r, x, j in _positions(v, scheme, scales)]
     return np.concatenate(out).reshape(np.shape(v)) if out else np.zeros(np.shape(v))
 
 
 def variance(v: np.ndarray, scheme: Scheme, scales: np.ndarray | None = None) -> float:
     """Exact E||Q(v) - E Q(v)||^2, the sum of coordinate_variance."""
     return float(np.sum(coordinate_variance(v, scheme, scales)))
+
+
+def _positions(v: np.ndarray, scheme: Scheme, scales: np.ndarray | None):
+    """Per bucket: the coordinates b, scale r, x = min(|b| / r, 1) and the lower level index j
+    (x = j = 0 for an all-zero bucket, which then quantizes to exactly 0)."""
+    lv = scheme.levels.values
+    r_all = bucket_scales(v, scheme) if scales is None else np.asarray(scales, np.float64)
+    for r, b in zip(r_all, _buckets(v, scheme.bucket_size)):
+        x = np.minimum(np.abs(b) / r, 1.0) if r > 0 else np.zeros_like(b)
+        yield b, r, x, np.clip(np.searchsorted(lv, x, side="right") - 1, 0, len(lv) - 2)
 
 
 def _buckets(v: np.ndarray, size: int) -> list[np.ndarray]:

@@ -13,12 +13,5 @@ from .tape import DistributedGradientTape
 
 registration.register("tensorflow")
 
-__all__ = [
-                          "Compressor",
-                          "DistributedGradientTape",
-                          "GlobalQSGDCompressor",
-                          "NUQCompressor",
-                          "QSGDCompressor",
-                          "QSGDInfCompressor",
-                          "TNQCompressor",
-]
+__all__ = ["Compressor", "DistributedGradientTape", "GlobalQSGDCompressor", "NUQCompressor",
+           "QSGDCompressor", "QSGDInfCompressor", "TNQCompressor"]

@@ -6,6 +6,8 @@ from typing import Any
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
+from ..collectives import HorovodCollectives
+
 
 def _keep_autograph_out() -> None:
     """Have AutoGraph call horovod_nuq as plain Python: its control flow is on static values,
@@ -21,28 +23,6 @@ def _keep_autograph_out() -> None:
 _keep_autograph_out()
 
 
-def rank() -> int:
-    return hvd.rank()
-
-
-def size(process_set: Any = None) -> int:
-    return process_set.size() if process_set is not None else hvd.size()
-
-
-def gather_text(text: str, process_set: Any = None) -> list:
-    """Every rank's `text`, in rank order (for error messages that name each rank's settings)."""
-    kw = {"process_set": process_set} if process_set is not None else {}
-    return hvd.allgather_object(text, **kw)
-
-
-def allreduce_max(x: Any, process_set: Any = None) -> Any:
-    kw = {"process_set": process_set} if process_set is not None else {}
-    return hvd.allreduce(x, op=hvd.Max, **kw)
-
-
-def make_rng(xp: Any, seed: int, like: Any) -> Any:
-    with tf.init_scope():  # a generator made while tracing must live outside the graph
-        return tf.random.Generator.from_seed(seed)
 
 
 class GraphCounters:
@@ -64,10 +44,21 @@ class GraphCounters:
             v.assign(0)
 
 
-def record(stats: Any, sent: int, numel: int) -> None:
-    if tf.executing_eagerly():
-        stats.record(sent, numel)
-        return
-    if stats._graph_counters is None:
-        stats._graph_counters = GraphCounters()
-    stats._graph_counters.add(sent, numel)
+class TFCollectives(HorovodCollectives):
+    """Graph-aware: generators and counters live outside traced graphs. Horovod names graph
+    ops after their (unique, stable) graph nodes, so no names are given here."""
+
+    def make_rng(self, xp: Any, seed: int, like: Any) -> Any:
+        with tf.init_scope():  # a generator made while tracing must live outside the graph
+            return tf.random.Generator.from_seed(seed)
+
+    def record(self, stats: Any, sent: int, numel: int) -> None:
+        if tf.executing_eagerly():
+            stats.record(sent, numel)
+            return
+        if stats._graph_counters is None:
+            stats._graph_counters = GraphCounters()
+        stats._graph_counters.add(sent, numel)
+
+
+COLLECTIVES = TFCollectives(hvd, stable_names=False)

@@ -12,12 +12,5 @@ from .optimizer import DistributedOptimizer
 
 registration.register("torch")
 
-__all__ = [
-                          "Compressor",
-                          "DistributedOptimizer",
-                          "GlobalQSGDCompressor",
-                          "NUQCompressor",
-                          "QSGDCompressor",
-                          "QSGDInfCompressor",
-                          "TNQCompressor",
-]
+__all__ = ["Compressor", "DistributedOptimizer", "GlobalQSGDCompressor", "NUQCompressor",
+           "QSGDCompressor", "QSGDInfCompressor", "TNQCompressor"]
