@@ -1,7 +1,7 @@
 """Horovod compression plugins: one class per scheme, working on torch and tf tensors alike.
 
 Horovod calls `compress(tensor) -> (payload, ctx)`, reduces the payload, then calls
-`decompress(payload, ctx)`. Two protocols (see docs/design.md):
+`decompress(payload, ctx)`. Two protocols (README.md, "Two wire protocols"):
 - "allreduce": all ranks agree on a per-bucket scale (a tiny Max allreduce), quantize onto
   that shared grid and send summable float64 words, so stock hvd.DistributedOptimizer,
   DistributedGradientTape and hvd.allreduce carry it under op Average or Sum;
