@@ -5,6 +5,8 @@
     opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                    compression=NUQCompressor(bits=4))
 """
+import sys
+
 from .compressor import (
                          COMPRESSORS,
                          Compressor,
@@ -18,6 +20,9 @@ from .schemes import Scheme, make_scheme
 from .stats import WireStats
 
 __version__ = "0.1.0"
+
+if "tensorflow" in sys.modules:  # keep AutoGraph from converting the codec when TF traces it
+    from .backends import tensorflow as _tf_backend  # noqa: F401
 
 __all__ = [
                          "COMPRESSORS",

@@ -6,6 +6,7 @@ is what lets a shared-scale payload travel through a plain allreduce.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,7 +77,9 @@ def from_points(points: Sequence[float], denominator: int) -> Levels:
         raise ValueError(
             f"denominator {denominator} is too small to keep {len(pts)} distinct levels"
         )
-    return Levels(tuple(m) + (denominator,))
+    m.append(denominator)
+    g = math.gcd(*m)  # the smallest grid: narrower sum fields in the allreduce protocol
+    return Levels(tuple(q // g for q in m))
 
 
 def levels_for_bits(bits: int) -> int:

@@ -1,7 +1,12 @@
 """Bytes on the wire: what a compressor handed to Horovod, next to float32 and float16."""
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
+
+# per-tensor records kept between mark_step() calls; bounded, since stock Horovod optimizers
+# never call mark_step() and the totals do not need the list
+OPEN_TENSORS_MAX = 100_000
 
 
 @dataclass
@@ -18,7 +23,7 @@ class WireStats:
     _count: int = 0
     steps: list = field(default_factory=list)
     step_tensors: list = field(default_factory=list)
-    _open_tensors: list = field(default_factory=list)
+    _open_tensors: deque = field(default_factory=lambda: deque(maxlen=OPEN_TENSORS_MAX))
     _step_start: int = 0
     _graph_counters: object = None  # set by the TensorFlow frontend for graph-mode counting
 
@@ -61,13 +66,15 @@ class WireStats:
         sent = total - self._step_start
         self.steps.append(sent)
         self._step_start = total
-        self.step_tensors, self._open_tensors = self._open_tensors, []
+        self.step_tensors = list(self._open_tensors)
+        self._open_tensors.clear()
         return sent
 
     def reset(self) -> None:
         self._sent = self._float32 = self._count = self._step_start = 0
         self.steps.clear()
-        self.step_tensors, self._open_tensors = [], []
+        self.step_tensors = []
+        self._open_tensors.clear()
         if self._graph_counters is not None:
             self._graph_counters.reset()
 

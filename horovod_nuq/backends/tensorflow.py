@@ -21,6 +21,20 @@ def _static_numel(x) -> int:
     return int(n)
 
 
+def keep_autograph_out() -> None:
+    """Have AutoGraph call horovod_nuq as plain Python: its control flow is on static values,
+    and converting it only costs tracing time and spurious warnings."""
+    try:
+        from tensorflow.python.autograph.core import config
+    except ImportError:  # pragma: no cover - internals moved; conversion is then merely slower
+        return
+    if not any(r.matches("horovod_nuq") for r in config.CONVERSION_RULES[:1]):
+        config.CONVERSION_RULES = (config.DoNotConvert("horovod_nuq"),) + tuple(config.CONVERSION_RULES)
+
+
+keep_autograph_out()
+
+
 @functools.lru_cache(maxsize=1)
 def _has_gpu() -> bool:
     return bool(tf.config.list_logical_devices("GPU"))

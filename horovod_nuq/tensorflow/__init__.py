@@ -8,7 +8,7 @@ from ..compressor import (
                           QSGDInfCompressor,
                           TNQCompressor,
 )
-from . import collectives  # noqa: F401  (also keeps AutoGraph out of horovod_nuq)
+from . import collectives  # noqa: F401  (imports the TF backend, which keeps AutoGraph out)
 from .tape import DistributedGradientTape
 
 registration.register("tensorflow")

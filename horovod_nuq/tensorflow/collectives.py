@@ -6,23 +6,8 @@ from typing import Any
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
+from ..backends import tensorflow as _tf_backend  # noqa: F401  (keeps AutoGraph out of horovod_nuq)
 from ..collectives import HorovodCollectives
-
-
-def _keep_autograph_out() -> None:
-    """Have AutoGraph call horovod_nuq as plain Python: its control flow is on static values,
-    and converting it only costs tracing time and spurious warnings."""
-    try:
-        from tensorflow.python.autograph.core import config
-    except ImportError:  # pragma: no cover - internals moved; conversion is then merely slower
-        return
-    if not any(r.matches("horovod_nuq") for r in config.CONVERSION_RULES[:1]):
-        config.CONVERSION_RULES = (config.DoNotConvert("horovod_nuq"),) + tuple(config.CONVERSION_RULES)
-
-
-_keep_autograph_out()
-
-
 
 
 class GraphCounters:
