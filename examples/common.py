@@ -121,6 +121,14 @@ def shard(X: np.ndarray, y: np.ndarray, rank: int, size: int, equal: bool = True
     return Xs, ys
 
 
+def rank_data(rank: int, size: int, batch_size: int):
+    """This rank's train shard (equal sizes on all ranks), test shard, and steps per epoch."""
+    Xtr, ytr, Xte, yte = load_digits_split()
+    Xtr, ytr = shard(Xtr, ytr, rank, size)
+    Xte, yte = shard(Xte, yte, rank, size, equal=False)
+    return Xtr, ytr, Xte, yte, batches_per_epoch(len(Xtr), batch_size)
+
+
 def batches_per_epoch(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size)
 

@@ -109,10 +109,7 @@ class Progress(keras.callbacks.Callback):
 
 def train(args) -> None:
     rank, size = hvd.rank(), hvd.size()
-    Xtr, ytr, Xte, yte = common.load_digits_split()
-    Xtr, ytr = common.shard(Xtr, ytr, rank, size)
-    Xte, yte = common.shard(Xte, yte, rank, size, equal=False)
-    n_steps = common.batches_per_epoch(len(Xtr), args.batch_size)
+    Xtr, ytr, Xte, yte, n_steps = common.rank_data(rank, size, args.batch_size)
 
     model = digits_model()
     compression = common.make_compression(args, hvd)

@@ -61,10 +61,8 @@ def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
 
 def train(args) -> None:
     rank, size = hvd.rank(), hvd.size()
-    Xtr, ytr, Xte, yte = common.load_digits_split()
-    Xtr, ytr = (torch.from_numpy(a) for a in common.shard(Xtr, ytr, rank, size))
-    Xte, yte = (torch.from_numpy(a) for a in common.shard(Xte, yte, rank, size, equal=False))
-    n_steps = common.batches_per_epoch(len(Xtr), args.batch_size)
+    *arrays, n_steps = common.rank_data(rank, size, args.batch_size)
+    Xtr, ytr, Xte, yte = (torch.from_numpy(a) for a in arrays)
 
     model = digits_model()
     opt = torch.optim.SGD(model.parameters(), lr=args.lr * size, momentum=0.9)

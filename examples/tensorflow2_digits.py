@@ -69,10 +69,7 @@ def evaluate(model, X: np.ndarray, y: np.ndarray) -> float:
 
 def train(args) -> None:
     rank, size = hvd.rank(), hvd.size()
-    Xtr, ytr, Xte, yte = common.load_digits_split()
-    Xtr, ytr = common.shard(Xtr, ytr, rank, size)
-    Xte, yte = common.shard(Xte, yte, rank, size, equal=False)
-    n_steps = common.batches_per_epoch(len(Xtr), args.batch_size)
+    Xtr, ytr, Xte, yte, n_steps = common.rank_data(rank, size, args.batch_size)
 
     model = digits_model()
     opt = tf.keras.optimizers.SGD(learning_rate=args.lr * size, momentum=0.9)

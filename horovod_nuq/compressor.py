@@ -72,6 +72,7 @@ class Compressor:
         self.stats = WireStats()
         self._tables = codec.Tables(self.scheme)
         self.fused = fused
+        self._engines: dict[Any, engines.GenericEngine] = {}
         self._rank_seed: int | None = None
         self._draw_state: _Draws | None = None
         self._layouts: dict[int, wire.SumLayout] = {}
@@ -176,15 +177,19 @@ class Compressor:
 
     def _engine(self, xp: Backend, tensor: Any) -> engines.GenericEngine:
         """The fused C kernels for host tensors when available (and fused is not False)."""
-        if self.fused is not False and xp.on_host(tensor):
-            lib = kernels.load()
-            if lib is not None:
-                cls = engines.GraphFusedEngine if xp.symbolic(tensor) else engines.FusedEngine
-                return cls(xp, self.scheme, self._tables, lib)
-        if self.fused:
+        lib = kernels.load() if self.fused is not False and xp.on_host(tensor) else None
+        if lib is not None:
+            cls = engines.GraphFusedEngine if xp.symbolic(tensor) else engines.FusedEngine
+        elif self.fused:
             raise RuntimeError("fused=True, but the fused CPU kernels cannot run here "
                                "(tensor not in host memory, or no C compiler)")
-        return engines.GenericEngine(xp, self.scheme, self._tables)
+        else:
+            cls = engines.GenericEngine
+        key = (xp.name, cls)
+        if key not in self._engines:  # built once: compress/decompress run every step
+            self._engines[key] = (cls(xp, self.scheme, self._tables, lib) if lib is not None
+                                  else cls(xp, self.scheme, self._tables))
+        return self._engines[key]
 
     def _agree_scale(self, xp: Backend, coll: Any, r: Any) -> Any:
         """Max over ranks of the per-bucket scales, plus a check that all ranks share one config."""
