@@ -31,6 +31,7 @@ import horovod_nuq.tensorflow  # noqa: F401  (the quantizers' TF frontend, loade
 # when Keras 3 is installed next to tf_keras (as with TensorFlow >= 2.16), and its callbacks
 # then fail (e.g. MetricAverageCallback: "module 'keras.backend' has no attribute 'constant'").
 # Point Horovod at tf_keras' backend, the Keras its DistributedOptimizer is wrapping here.
+# (scripts/setup.sh patches this in the Horovod it builds; this guard covers other installs.)
 for _mod in (hvd, hvd.callbacks):
     if not hasattr(getattr(_mod, "K", keras.backend), "constant"):
         _mod.K = keras.backend

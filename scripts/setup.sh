@@ -123,6 +123,12 @@ patch_horovod() {
     # (d) Build 'Release' (-O3) instead of 'RelWithDebInfo' (-O3 -g): same
     #     code, but a faster compile and a much smaller wheel.
     sed -i "s/else 'RelWithDebInfo'/else 'Release'/" setup.py
+    # (e) Horovod's tf.keras frontend imports `keras.backend`, which is Keras 3
+    #     beside TF >= 2.16, so its callbacks crash (MetricAverageCallback:
+    #     "keras.backend has no attribute constant").  Use the backend of the
+    #     Keras that tf.keras resolves to (tf_keras under TF_USE_LEGACY_KERAS=1).
+    sed -i 's/^    from keras import backend as K$/    from tensorflow.keras import backend as K/' \
+        horovod/tensorflow/keras/__init__.py horovod/tensorflow/keras/callbacks.py
 
     # Fail loudly if the sdist ever changes under us and a patch misses.
     grep -q '^set(CMAKE_CXX_STANDARD 17)$' CMakeLists.txt
@@ -131,6 +137,8 @@ patch_horovod() {
     grep -q -- '-std=c++17 -fPIC' third_party/gloo/CMakeLists.txt
     ! grep -q 'xla_mpi_ops' horovod/tensorflow/CMakeLists.txt
     grep -q "else 'Release'" setup.py
+    grep -q 'from tensorflow.keras import backend as K' horovod/tensorflow/keras/__init__.py
+    grep -q 'from tensorflow.keras import backend as K' horovod/tensorflow/keras/callbacks.py
 }
 
 py_tag="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
