@@ -76,7 +76,8 @@ class Compressor:
         self._rank_seed: int | None = None
         self._draw_state: _Draws | None = None
         self._layouts: dict[int, wire.SumLayout] = {}
-        self._config_id = float(zlib.crc32(self.scheme.describe().encode()) % (1 << 24))
+        self._ids: dict[Any, float] = {}
+        self._config_id = self._settings_id(None)
         if protocol == "allreduce":
             self._layout(1)  # refuse now what cannot be packed even for one rank
 
@@ -116,7 +117,7 @@ class Compressor:
         xp, coll = self._frontend(tensor)
         engine, ctx = self._engine(xp, tensor), self._context(xp, tensor)
         work, r = engine.scales(tensor, ctx.numel)
-        header = xp.constant(np.array([self._tensor_id(ctx.numel)], dtype=np.float32), r)
+        header = xp.constant(np.array([self._settings_id(ctx.numel)], dtype=np.float32), r)
         payload = xp.concat([xp.bitcast(header, "uint8"), xp.bitcast(r, "uint8"),
                              engine.encode_codes(work, r, self._draws(xp, coll, tensor))])
         coll.record(self.stats, xp.numel(payload), ctx.numel)
@@ -141,7 +142,7 @@ class Compressor:
                              f"{per_rank}-byte rank payloads for a tensor of {ctx.numel} elements: "
                              "ranks used different compressor settings or tensor shapes")
         ranks = total // per_rank
-        tid = self._tensor_id(ctx.numel)
+        tid = self._settings_id(ctx.numel)
         engine = self._engine(xp, gathered)
         acc = None
         for i, part in enumerate(xp.split(xp.reshape(gathered, [-1]), [per_rank] * ranks)):
@@ -214,9 +215,12 @@ class Compressor:
         codes = wire.packed_code_bytes(n_buckets * self.scheme.bucket_size, self.scheme.code_bits)
         return 4 + 4 * n_buckets + codes
 
-    def _tensor_id(self, numel: int) -> float:
-        """The settings and tensor size as a float32-exact integer that ranks can compare."""
-        return float(zlib.crc32(f"{self.scheme.describe()}/{numel}".encode()) % (1 << 24))
+    def _settings_id(self, numel: int | None) -> float:
+        """The settings (and tensor size, if given) as a float32-exact integer ranks can compare."""
+        if numel not in self._ids:
+            text = self.scheme.describe() + ("" if numel is None else f"/{numel}")
+            self._ids[numel] = float(zlib.crc32(text.encode()) % (1 << 24))
+        return self._ids[numel]
 
     def _layout(self, ranks: int) -> wire.SumLayout:
         if ranks not in self._layouts:

@@ -152,7 +152,7 @@ class GraphFusedEngine(GenericEngine):
     def _call(self, fn, args: list, dtype: str, size: int) -> Array:
         import tensorflow as tf
 
-        out = tf.numpy_function(fn, args, self.xp.cast(tf.zeros([0]), dtype).dtype, stateful=True)
+        out = tf.numpy_function(fn, args, tf.as_dtype(dtype), stateful=True)
         out.set_shape([size])
         return out
 

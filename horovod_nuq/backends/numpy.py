@@ -33,7 +33,6 @@ class NumpyBackend(Backend):
     def row_sum(self, x): return np.sum(x, axis=1)
     def row_max(self, x): return np.max(x, axis=1)
     def max_all(self, x): return np.max(x)
-    def all_finite(self, x): return bool(np.all(np.isfinite(x)))
     def take(self, table, idx): return np.take(table, idx)
     def searchsorted(self, sorted_, x): return np.searchsorted(sorted_, x, side="right").astype(np.int64)
     def shl(self, x, bits): return np.left_shift(x, bits)

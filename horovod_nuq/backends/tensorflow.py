@@ -76,7 +76,6 @@ class TFBackend(Backend):
     def row_sum(self, x): return tf.reduce_sum(x, axis=1)
     def row_max(self, x): return tf.reduce_max(x, axis=1)
     def max_all(self, x): return tf.reduce_max(x)
-    def all_finite(self, x): return bool(tf.reduce_all(tf.math.is_finite(x)))
     def take(self, table, idx): return tf.gather(table, idx)
 
     def searchsorted(self, sorted_, x):

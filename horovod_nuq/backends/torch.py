@@ -39,7 +39,6 @@ class TorchBackend(Backend):
     def row_sum(self, x): return x.sum(dim=1)
     def row_max(self, x): return x.amax(dim=1)
     def max_all(self, x): return x.max()
-    def all_finite(self, x): return bool(torch.isfinite(x).all())
     def take(self, table, idx): return table[idx]
     def searchsorted(self, sorted_, x): return torch.searchsorted(sorted_, x.contiguous(), right=True)
     def shl(self, x, bits): return torch.bitwise_left_shift(x, bits)
