@@ -8,8 +8,10 @@ once per (rate, ranks):
 
 Every rank trains the same synthetic step (an MLP 3072 -> 2048 -> 2048 -> 10 on a batch of
 random 3x32x32 "images") through horovod_nuq.torch.DistributedOptimizer for each configuration:
-none (float32), fp16 (hvd.Compression.fp16), qsgd/qsgdinf/nuq/tnq/globalqsgd with protocol
-"allreduce" and qsgd/qsgdinf/nuq/tnq with protocol "allgather", all with their default settings.
+none (float32), fp16 (hvd.Compression.fp16), the default NUQCompressor() (protocol "auto": the
+optimizer routes whichever protocol moves fewer bytes at this N), qsgd/qsgdinf/nuq/tnq/globalqsgd
+with protocol "allreduce" (what Horovod's own hvd.DistributedOptimizer runs) and qsgd/qsgdinf/
+nuq/tnq with protocol "allgather", all other settings at their defaults.
 Rank 0 prints one table (and appends it to benchmarks/results/slow_link.md and one JSON line per
 configuration to benchmarks/results/slow_link.jsonl). `--summarize FILE.jsonl` prints, from those
 lines, which protocol wins per scheme as N and the rate change, and the headline ratios.
@@ -33,7 +35,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIGS = ["none", "fp16", "qsgd/allreduce", "qsgdinf/allreduce", "nuq/allreduce", "tnq/allreduce",
+CONFIGS = ["none", "fp16", "nuq/auto", "qsgd/allreduce", "qsgdinf/allreduce", "nuq/allreduce", "tnq/allreduce",
            "globalqsgd/allreduce", "qsgd/allgather", "qsgdinf/allgather", "nuq/allgather",
            "tnq/allgather"]
 
@@ -90,6 +92,8 @@ def make_compression(name: str, hvd, nuq, clock: Clock, bits, engine: str):
     cls = {"qsgd": nuq.QSGDCompressor, "qsgdinf": nuq.QSGDInfCompressor, "nuq": nuq.NUQCompressor,
            "tnq": nuq.TNQCompressor, "globalqsgd": nuq.GlobalQSGDCompressor}[scheme]
     comp = cls(bits=bits, protocol=protocol, **({"fused": False} if engine == "generic" else {}))
+    if protocol == "auto":
+        protocol = f"auto: {comp.protocol_for(hvd.size())}"
     for meth in ("compress", "decompress", "compress_for_allgather"):
         setattr(comp, meth, clock.wrap(getattr(comp, meth), "codec"))
     if hasattr(comp, "_agree_scale"):  # the per-bucket scale agreement (a blocking Max allreduce)
@@ -244,10 +248,13 @@ def summarize(path: str) -> str:
                  "printed, not asserted)\n"), "| rate | N | config | step s | vs fp32 | vs fp16 |", "|---|---|---|---|---|---|"]
     for _, rate, n in cells:
         f32, f16 = by.get((rate, n, "none")), by.get((rate, n, "fp16"))
-        for cfg in ("nuq/allreduce", "nuq/allgather"):
+        labels = {"nuq/auto": " (default NUQCompressor(), horovod_nuq's optimizer)",
+                  "nuq/allreduce": " (what stock hvd.DistributedOptimizer runs)"}
+        for cfg in ("nuq/auto", "nuq/allreduce", "nuq/allgather"):
             r = by.get((rate, n, cfg))
             if r and f32 and f16:
-                out.append(f"| {rate} | {n} | {cfg}{' (default)' if cfg == 'nuq/allreduce' else ''} "
+                protocol = f" [{r['protocol']}]" if cfg == "nuq/auto" else ""
+                out.append(f"| {rate} | {n} | {cfg}{protocol}{labels.get(cfg, '')} "
                            f"| {r['step_s']:.3f} | {f32['step_s'] / r['step_s']:.2f}x "
                            f"| {f16['step_s'] / r['step_s']:.2f}x |")
     return "\n".join(out) + "\n"

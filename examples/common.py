@@ -27,7 +27,7 @@ import numpy as np
 
 COMPRESSIONS = ("none", "fp16", "qsgd", "qsgdinf", "nuq", "tnq", "globalqsgd")
 SCHEMES = COMPRESSIONS[2:]
-PROTOCOLS = ("allreduce", "allgather")
+PROTOCOLS = ("auto", "allreduce", "allgather")
 
 
 # ---- command line --------------------------------------------------------------------
@@ -43,9 +43,11 @@ def build_parser(description: str, *, epochs: int = 15, batch_size: int = 32,
                         "scheme's default, 4)")
     g.add_argument("--bucket-size", type=int, default=None,
                    help="coordinates sharing one scale (quantizers only; default: 512)")
-    g.add_argument("--protocol", choices=PROTOCOLS, default="allreduce",
-                   help="allreduce: summable words through Horovod's stock allreduce; "
-                        "allgather: per-rank bit-packed codes (needs horovod_nuq's optimizer/tape)")
+    g.add_argument("--protocol", choices=PROTOCOLS, default="auto",
+                   help="allreduce: summable words through Horovod's stock optimizer/tape; "
+                        "allgather: per-rank bit-packed codes (horovod_nuq's optimizer/tape); "
+                        "auto: horovod_nuq's optimizer/tape, with whichever moves fewer bytes at "
+                        "this many ranks (allreduce in the Keras example)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=epochs)
     t.add_argument("--batch-size", type=int, default=batch_size, help="per-rank batch size")
@@ -75,6 +77,7 @@ def say(msg: str) -> None:
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None, *,
                allgather_ok: bool = True) -> argparse.Namespace:
     args = parser.parse_args(argv)
+    args.allgather_ok = allgather_ok
     quantized = args.compression in SCHEMES
     if not quantized and (args.bits is not None or args.bucket_size is not None):
         parser.error(f"--bits/--bucket-size configure a quantizer; --compression {args.compression} "
@@ -154,9 +157,12 @@ def make_compression(args: argparse.Namespace, hvd: Any) -> Any:
     if args.bucket_size is not None:
         kw["bucket_size"] = args.bucket_size
     try:
-        return COMPRESSORS[args.compression](**kw)
+        comp = COMPRESSORS[args.compression](**kw)
     except ValueError as e:  # e.g. globalqsgd + allgather, or an unsupported bits value
         sys.exit(f"error: --compression {args.compression}: {e}")
+    # the protocol actually used (auto resolves by the number of ranks), for routing and the logs
+    args.protocol = comp.protocol_for(hvd.size()) if args.allgather_ok else "allreduce"
+    return comp
 
 
 def describe_compression(args: argparse.Namespace, compression: Any) -> str:

@@ -42,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None, help="default: the example's own default")
     p.add_argument("--schemes", default=",".join(common.COMPRESSIONS),
                    help="comma-separated compressions to run (none is the accuracy baseline)")
-    p.add_argument("--protocol", choices=common.PROTOCOLS, default="allreduce",
+    p.add_argument("--protocol", choices=common.PROTOCOLS, default="auto",
                    help="protocol for the quantizers (none/fp16 always allreduce; globalqsgd "
                         "supports allreduce only and is then skipped)")
     p.add_argument("--bits", type=int, default=None, help="--bits for the quantizers (default: theirs)")

@@ -35,7 +35,7 @@ def synthetic_model() -> nn.Module:
 
 
 def distributed_optimizer(args, model: nn.Module, opt: torch.optim.Optimizer, compression):
-    if args.protocol == "allgather":
+    if args.protocol == "allgather":  # also what --protocol auto chose, when it is cheaper here
         import horovod_nuq.torch as nuq_torch  # routes per-rank codes through allgather
 
         return nuq_torch.DistributedOptimizer(opt, named_parameters=model.named_parameters(),

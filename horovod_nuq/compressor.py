@@ -8,6 +8,8 @@ Horovod calls `compress(tensor) -> (payload, ctx)`, reduces the payload, then ca
 - "allgather": each rank sends its own scales and bit-packed codes (the papers' form);
   Horovod's optimizers cannot route this, so use horovod_nuq.torch.DistributedOptimizer or
   horovod_nuq.tensorflow.DistributedGradientTape.
+The default, "auto", is "allreduce" under Horovod's own optimizers and, under horovod_nuq's,
+whichever of the two puts fewer bytes on each rank's link for the number of ranks.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from . import codec, engines, kernels, schemes, wire
 from .backends import Backend, backend_for
 from .stats import WireStats
 
-PROTOCOLS = ("allreduce", "allgather")
+PROTOCOLS = ("auto", "allreduce", "allgather")
 _COLLECTIVES = {"torch": "horovod_nuq.torch.collectives",
                 "tensorflow": "horovod_nuq.tensorflow.collectives"}
 
@@ -46,7 +48,8 @@ class Compressor:
 
     bits / levels: code size per coordinate (sign included) or number of non-zero levels.
     bucket_size: coordinates that share one scale. seed: reproducible rounding (each rank
-    draws its own stream from (seed, rank)). protocol: "allreduce" or "allgather".
+    draws its own stream from (seed, rank)). protocol: "auto" (default), "allreduce" or
+    "allgather"; see `protocol_for`.
     process_set: the Horovod process set the tensors are reduced over (default: all ranks).
     fused: use the one-pass C kernels for tensors in host memory (None: when they build).
     """
@@ -55,13 +58,13 @@ class Compressor:
     shared_scale_only = False
 
     def __init__(self, bits: int | None = None, *, levels: int | None = None,
-                 bucket_size: int = 512, seed: int | None = None, protocol: str = "allreduce",
+                 bucket_size: int = 512, seed: int | None = None, protocol: str = "auto",
                  process_set: Any = None, fused: bool | None = None, **scheme_options: Any) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
-        if self.shared_scale_only and protocol != "allreduce":
+        if self.shared_scale_only and protocol == "allgather":
             raise ValueError(f"{type(self).__name__} shares one scale across ranks, which only the "
                              "'allreduce' protocol does; use protocol='allreduce'")
         self.scheme = schemes.make_scheme(self.scheme_name, bits=bits, levels=levels,
@@ -79,7 +82,7 @@ class Compressor:
         self._ids: dict[Any, float] = {}
         self._config_id = self._settings_id(None)
         if protocol == "allreduce":
-            self._layout(1)  # refuse now what cannot be packed even for one rank
+            self._layout(1)  # refuse now what cannot be packed even for one rank (auto: at compress)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.scheme.describe()}, protocol={self.protocol!r})"
@@ -87,7 +90,7 @@ class Compressor:
     # ---- Horovod's compression API (protocol "allreduce") ------------------------------
     def compress(self, tensor: Any) -> tuple[Any, Context]:
         """Quantize onto the ranks' shared grid; return summable float64 words and the context."""
-        if self.protocol != "allreduce":
+        if self.protocol == "allgather":
             raise RuntimeError(
                 f"{self!r} sends per-rank codes with allgather, which Horovod's own optimizers "
                 "cannot route. Use horovod_nuq.torch.DistributedOptimizer / "
@@ -114,6 +117,9 @@ class Compressor:
     # ---- protocol "allgather" ----------------------------------------------------------
     def compress_for_allgather(self, tensor: Any) -> tuple[Any, Context]:
         """This rank's float32 scales and bit-packed codes as one uint8 payload."""
+        if self.shared_scale_only:
+            raise RuntimeError(f"{type(self).__name__} shares one scale across ranks, which only the "
+                               "'allreduce' protocol does")
         xp, coll = self._frontend(tensor)
         engine, ctx = self._engine(xp, tensor), self._context(xp, tensor)
         work, r = engine.scales(tensor, ctx.numel)
@@ -123,13 +129,34 @@ class Compressor:
         coll.record(self.stats, xp.numel(payload), ctx.numel)
         return payload, ctx
 
-    def payload_bytes(self, numel: int, ranks: int | None = None) -> int:
-        """Bytes one rank hands to the collective for a tensor of `numel` elements."""
+    def payload_bytes(self, numel: int, ranks: int | None = None, protocol: str | None = None) -> int:
+        """Bytes one rank hands to the collective for a tensor of `numel` elements over `ranks`
+        ranks (default 1), with `protocol` (default: `protocol_for(ranks)`)."""
+        ranks = ranks if ranks is not None else 1
         nb = codec.n_buckets(numel, self.scheme.bucket_size)
-        if self.protocol == "allgather":
+        if (protocol or self.protocol_for(ranks)) == "allgather":
             return self._gathered_bytes(nb)
-        layout = self._layout(ranks if ranks is not None else 1)
-        return layout.payload_bytes(nb * self.scheme.bucket_size) + 4 * (nb + 2)
+        return self._layout(ranks).payload_bytes(nb * self.scheme.bucket_size) + 4 * (nb + 2)
+
+    def protocol_for(self, ranks: int) -> str:
+        """The protocol used over `ranks` ranks where either can be routed (horovod_nuq's
+        optimizer and tape; Horovod's own always call `compress`, i.e. allreduce).
+
+        "auto" picks the one that puts fewer bytes on each rank's link: a ring allreduce
+        sends 2(N-1)/N payloads, whose fields widen with N; an allgather sends N-1 payloads
+        of fixed size. So allgather wins at small N, allreduce at large N (README.md).
+        """
+        if self.protocol != "auto":
+            return self.protocol
+        if self.shared_scale_only or ranks <= 1:
+            return "allreduce"
+        numel = 1 << 20  # payload sizes are linear in numel: one large tensor decides
+        gather = (ranks - 1) * self.payload_bytes(numel, ranks, "allgather")
+        try:
+            reduce = 2 * (ranks - 1) / ranks * self.payload_bytes(numel, ranks, "allreduce")
+        except ValueError:  # the sums do not fit a float64 word usefully
+            return "allgather"
+        return "allreduce" if reduce <= gather else "allgather"
 
     def decompress_gathered(self, gathered: Any, ctx: Context, average: bool = True) -> Any:
         """Decode every rank's payload in rank order and return their average (or sum)."""

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import codec, kernels, wire
 from .backends import Backend
+from .backends.base import host_empty
 from .schemes import Scheme
 
 Array = Any
@@ -75,7 +76,7 @@ class FusedEngine(GenericEngine):
     def scales(self, tensor: Array, numel: int) -> tuple[Array, Array]:
         x = self._np(self.xp.cast(tensor, "float32"), np.float32)
         s = self.scheme
-        r = np.empty(codec.n_buckets(numel, s.bucket_size), np.float32)
+        r = host_empty(codec.n_buckets(numel, s.bucket_size), np.float32)
         self.lib.nuq_scales(kernels.ptr(x, kernels._F), numel, s.bucket_size, _SCALE_MODES[s.scale],
                             float(s.truncation or 0.0), kernels.ptr(r, kernels._F))
         return x, self.xp.constant(r, tensor)
@@ -83,7 +84,7 @@ class FusedEngine(GenericEngine):
     def encode_sums(self, x: np.ndarray, r: Array, layout: wire.SumLayout, draws: Any) -> Array:
         s, t = self.scheme, self.tables
         rn = self._np(r, np.float32)
-        out = np.empty(layout.words(rn.size * s.bucket_size) + 1, np.float64)
+        out = host_empty(layout.words(rn.size * s.bucket_size) + 1, np.float64)
         out[-1] = 1.0  # sentinel
         self.lib.nuq_encode_sums(kernels.ptr(x, kernels._F), x.size, s.bucket_size, kernels.ptr(rn, kernels._F),
                                  kernels.ptr(self._levels, kernels._F), kernels.ptr(self._signed_num, kernels._I64),
@@ -94,7 +95,7 @@ class FusedEngine(GenericEngine):
     def encode_codes(self, x: np.ndarray, r: Array, draws: Any) -> Array:
         s, t = self.scheme, self.tables
         rn = self._np(r, np.float32)
-        out = np.empty(wire.packed_code_bytes(rn.size * s.bucket_size, s.code_bits), np.uint8)
+        out = host_empty(wire.packed_code_bytes(rn.size * s.bucket_size, s.code_bits), np.uint8)
         self.lib.nuq_encode_codes(kernels.ptr(x, kernels._F), x.size, s.bucket_size, kernels.ptr(rn, kernels._F),
                                   kernels.ptr(self._levels, kernels._F), t.k, int(t.uniform), draws.key(),
                                   s.code_bits, kernels.ptr(out, kernels._U8))
@@ -109,7 +110,7 @@ class FusedEngine(GenericEngine):
         if not (np.isfinite(sentinel) and sentinel > 0):
             raise ValueError(wire.BAD_SENTINEL)
         rn = self._np(r, np.float32)
-        out = np.empty(nb * bs, np.float32)
+        out = host_empty(nb * bs, np.float32)
         bad = self.lib.nuq_decode_sums(
             kernels.ptr(p, kernels._D), nb * bs, bs, layout.ranks / sentinel, layout.width,
             layout.per_word, layout.bound * layout.ranks, kernels.ptr(rn, kernels._F),
@@ -125,7 +126,7 @@ class FusedEngine(GenericEngine):
         if c.size != expected:
             raise ValueError(f"packed codes: expected {expected} bytes, got {c.size}")
         rn = self._np(r, np.float32)
-        out = np.empty(nb * s.bucket_size, np.float32) if acc is None else acc
+        out = host_empty(nb * s.bucket_size, np.float32) if acc is None else acc
         bad = self.lib.nuq_decode_codes(kernels.ptr(c, kernels._U8), out.size, s.bucket_size,
                                         kernels.ptr(rn, kernels._F), kernels.ptr(self._signed_values, kernels._F),
                                         self.tables.k, s.code_bits, np.float32(scale), kernels.ptr(out, kernels._F),

@@ -105,7 +105,8 @@ class SumLayout:
                 f"allreduce protocol: level values up to {self.bound} summed over {self.ranks} ranks "
                 f"need {self.width}-bit fields, so only {self.per_word} fit a 64-bit word and the "
                 "payload would not be smaller than float32. Use fewer bits or levels, "
-                "spacing='linear', or protocol='allgather'.")
+                "spacing='linear', or protocol='allgather' (or 'auto') with "
+                "horovod_nuq.torch.DistributedOptimizer / horovod_nuq.tensorflow.DistributedGradientTape.")
         return self
 
 

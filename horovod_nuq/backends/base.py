@@ -7,6 +7,16 @@ from typing import Any
 import numpy as np
 
 Array = Any
+ALIGN = 64  # bytes: TensorFlow wraps host buffers without a copy only at this alignment
+
+
+def host_empty(n: int, dtype: Any) -> np.ndarray:
+    """An uninitialized 1-d host array aligned to ALIGN bytes, so every framework can adopt
+    it as a tensor without copying (Backend.constant)."""
+    dt = np.dtype(dtype)
+    raw = np.empty(n * dt.itemsize + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start:start + n * dt.itemsize].view(dt)
 
 
 class Backend:
@@ -38,7 +48,8 @@ class Backend:
 
     # ---- constants --------------------------------------------------------------------
     def constant(self, value: np.ndarray, like: Array) -> Array:
-        """`value` as an array on `like`'s device (cached by the caller)."""
+        """`value` as an array on `like`'s device; host arrays from host_empty are adopted
+        without a copy where the framework allows it (do not modify them afterwards)."""
     def device_key(self, x: Array) -> Any:
         return None
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from .base import Backend
+from .base import ALIGN, Backend
 
 _DTYPES = {"float32": tf.float32, "float64": tf.float64, "int64": tf.int64, "int32": tf.int32,
            "uint8": tf.uint8, "bool": tf.bool, "float16": tf.float16, "bfloat16": tf.bfloat16}
@@ -52,7 +52,11 @@ class TFBackend(Backend):
     def pad_to(self, flat, n): return tf.pad(flat, [[0, n - _static_numel(flat)]])
     def concat(self, xs): return tf.concat(list(xs), axis=0)
     def split(self, x, sizes): return tf.split(x, list(sizes))
-    def constant(self, value, like): return tf.constant(value)
+    def constant(self, value, like):
+        if (isinstance(value, np.ndarray) and value.size >= 1024 and tf.executing_eagerly()
+                and value.flags.c_contiguous and value.ctypes.data % ALIGN == 0):
+            return tf.experimental.dlpack.from_dlpack(value.__dlpack__())  # adopts, no copy
+        return tf.constant(value)
     def can_cache(self, x): return tf.executing_eagerly()
 
     def bitcast(self, x, dtype):
@@ -101,4 +105,4 @@ class TFBackend(Backend):
         tf.debugging.Assert(ok, [message])
 
     def on_host(self, x): return "GPU" not in (x.device or "") and not _has_gpu()
-    def to_numpy(self, x: Any) -> np.ndarray: return x.numpy()
+    def to_numpy(self, x: Any) -> np.ndarray: return np.asarray(x)  # host tensors: a view, no copy

@@ -1,7 +1,8 @@
 """hvd.DistributedGradientTape with the same signature, which can also route the allgather protocol.
 
-For protocol "allreduce" compressors (and Horovod's own) this is Horovod's tape unchanged.
-For protocol "allgather" it swaps the tape's reduction for: pack codes, allgather, decode
+For compressors that use protocol "allreduce" over this process set (and Horovod's own)
+this is Horovod's tape unchanged. For "allgather" (chosen, or picked by "auto" because it
+moves fewer bytes at this many ranks) it swaps the tape's reduction for: pack codes, allgather, decode
 every rank's payload in rank order, average.
 """
 from __future__ import annotations
@@ -38,13 +39,14 @@ def DistributedGradientTape(gradtape: tf.GradientTape, device_dense: str = "",
                             gradient_predivide_factor: float = 1.0, num_groups: int = 0,
                             groups: Any = None, process_set: Any = hvd.global_process_set,
                             scale_local_gradients: bool = True) -> tf.GradientTape:
-    """Horovod's DistributedGradientTape; also accepts protocol="allgather" compressors."""
+    """Horovod's DistributedGradientTape; also routes the allgather protocol (see module doc)."""
     if hasattr(compression, "protocol") and process_set is not hvd.global_process_set:
         if compression.process_set is None:
             compression.process_set = process_set  # field widths follow the reducing ranks
         elif compression.process_set is not process_set:
             raise ValueError("the compressor and the tape name different process sets; give both the same")
-    gathers = getattr(compression, "protocol", None) == "allgather"
+    gathers = (hasattr(compression, "protocol_for")
+               and compression.protocol_for(process_set.size()) == "allgather")
     if gathers and op not in (hvd.Average, hvd.Sum):
         raise ValueError("the allgather protocol averages or sums decoded gradients: use "
                          "op=hvd.Average or op=hvd.Sum (Adasum is not supported)")

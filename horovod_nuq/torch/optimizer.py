@@ -1,7 +1,8 @@
 """hvd.DistributedOptimizer with the same signature, which can also route the allgather protocol.
 
-For compressors using protocol "allreduce" (and Horovod's own) this returns Horovod's
-optimizer unchanged. For protocol "allgather" it reuses Horovod's optimizer and swaps the
+For compressors that use protocol "allreduce" over this process set (and Horovod's own) this
+returns Horovod's optimizer unchanged. For "allgather" (chosen, or picked by "auto" because
+it moves fewer bytes at this many ranks) it reuses Horovod's optimizer and swaps the
 per-gradient allreduce for an allgather of each rank's packed codes.
 """
 from __future__ import annotations
@@ -24,8 +25,9 @@ def _share_process_set(compression: Any, process_set: Any) -> None:
         raise ValueError("the compressor and the optimizer name different process sets; give both the same")
 
 
-def _gathers(compression: Any) -> bool:
-    return getattr(compression, "protocol", None) == "allgather"
+def _gathers(compression: Any, process_set: Any) -> bool:
+    """Whether a horovod_nuq compressor routes through allgather over this process set."""
+    return hasattr(compression, "protocol_for") and compression.protocol_for(process_set.size()) == "allgather"
 
 
 def _allgather_grad_async(self, p: torch.Tensor):
@@ -60,7 +62,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
                          op: Any = hvd.Average, gradient_predivide_factor: float = 1.0,
                          num_groups: int = 0, groups: Any = None, sparse_as_dense: bool = False,
                          process_set: Any = hvd.global_process_set) -> torch.optim.Optimizer:
-    """Horovod's DistributedOptimizer; also accepts protocol="allgather" compressors.
+    """Horovod's DistributedOptimizer; also routes the allgather protocol (see module doc).
 
     A horovod_nuq compressor made without a process set is given this optimizer's, so its
     field widths and scale agreement follow the ranks that actually reduce.
@@ -70,7 +72,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
               "backward_passes_per_step": backward_passes_per_step, "op": op,
               "gradient_predivide_factor": gradient_predivide_factor, "num_groups": num_groups,
               "groups": groups, "sparse_as_dense": sparse_as_dense, "process_set": process_set}
-    if not _gathers(compression):
+    if not _gathers(compression, process_set):
         opt = hvd.DistributedOptimizer(optimizer, **kwargs)
         if hasattr(compression, "stats"):
             type(opt).step = _step

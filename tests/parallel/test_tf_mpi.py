@@ -107,7 +107,8 @@ def _data(seed):
 @pytest.mark.parametrize("cls,protocol", [(nuq.NUQCompressor, "allreduce"),
                                           (nuq.TNQCompressor, "allreduce"),
                                           (nuq.QSGDInfCompressor, "allgather"),
-                                          (nuq.NUQCompressor, "allgather")],
+                                          (nuq.NUQCompressor, "allgather"),
+                                          (nuq.NUQCompressor, "auto")],
                          ids=lambda x: getattr(x, "__name__", x))
 def test_gradient_tape_training(cls, protocol):
     comp = cls(seed=1, protocol=protocol)

@@ -224,6 +224,23 @@ def test_training_allgather_optimizer(cls):
     assert sum(b for _, b in per_tensor) == comp.stats.steps[-1]
 
 
+@pytest.mark.parametrize("cls", [nuq.QSGDCompressor, nuq.NUQCompressor, nuq.GlobalQSGDCompressor],
+                         ids=lambda c: c.__name__)
+def test_training_default_protocol_auto(cls):
+    """The default protocol "auto": horovod_nuq's optimizer routes whichever protocol
+    protocol_for(N) picks (fewer bytes per link), and what is sent matches that choice."""
+    comp = cls(seed=1)
+    assert comp.protocol == "auto"
+    losses, flat = _train(lambda o, ps: nuq.DistributedOptimizer(o, named_parameters=ps, compression=comp))
+    assert all_same(flat)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    chosen = comp.protocol_for(N)
+    expected = sum(comp.payload_bytes(p.numel(), N, chosen) for p in _model_params())
+    assert comp.stats.steps[-1] == expected, (chosen, comp.stats.steps[-1], expected)
+    if cls is nuq.GlobalQSGDCompressor or N == 1:
+        assert chosen == "allreduce"
+
+
 @pytest.mark.parametrize("protocol", ["allreduce", "allgather"])
 @pytest.mark.parametrize("options", [{"num_groups": 2}, {"op": hvd.Sum}, {"gradient_predivide_factor": 2.0}],
                          ids=["groups2", "sum", "predivide"])

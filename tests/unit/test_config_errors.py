@@ -136,14 +136,43 @@ def test_unsupported_array_type():
         H.QSGDCompressor(bits=4).compress([1.0, 2.0])
 
 
-def test_layout_that_cannot_shrink_the_payload_is_refused_at_construction():
+def test_layout_that_cannot_shrink_the_payload_is_refused():
     # NUQ with 6 bits: numerators up to 2^30 need 32-bit fields, one per word.
     with pytest.raises(ValueError, match="protocol='allgather'"):
-        H.NUQCompressor(bits=6)
+        H.NUQCompressor(bits=6, protocol="allreduce")  # at construction
+    auto = H.NUQCompressor(bits=6)  # auto: only when Horovod's own optimizer calls compress
+    assert auto.protocol_for(2) == "allgather"
+    with pytest.raises(ValueError, match="protocol='allgather'"):
+        auto.compress(np.ones(16, np.float32))
     # ... while the allgather protocol works for the same scheme
     c = H.NUQCompressor(bits=6, protocol="allgather")
     p, ctx = c.compress_for_allgather(np.ones(16, np.float32))
     assert np.isfinite(c.decompress_gathered(p, ctx)).all()
+
+
+def test_auto_protocol_picks_fewer_bytes_per_link():
+    """Ring allreduce sends 2(N-1)/N payloads whose fields widen with N; allgather sends N-1
+    fixed ones. auto must pick the smaller of the two for every N, and respect fixed choices."""
+    n = 1 << 20
+    for cls in (H.QSGDCompressor, H.NUQCompressor, H.TNQCompressor):
+        c = cls()
+        assert c.protocol == "auto" and c.protocol_for(1) == "allreduce"
+        for ranks in (2, 3, 4, 8, 16, 64):
+            gather = (ranks - 1) * c.payload_bytes(n, ranks, "allgather")
+            reduce = 2 * (ranks - 1) / ranks * c.payload_bytes(n, ranks, "allreduce")
+            assert c.protocol_for(ranks) == ("allreduce" if reduce <= gather else "allgather")
+            assert c.payload_bytes(n, ranks) == c.payload_bytes(n, ranks, c.protocol_for(ranks))
+        assert cls(protocol="allreduce").protocol_for(4) == "allreduce"
+        assert cls(protocol="allgather").protocol_for(64) == "allgather"
+    # small N favours allgather, large N allreduce (QSGD: 4.06 vs 9.1 bits at N = 4)
+    assert H.QSGDCompressor().protocol_for(2) == "allgather"
+    assert H.QSGDCompressor().protocol_for(64) == "allreduce"
+    assert H.NUQCompressor().protocol_for(4) == "allgather"
+    # one shared scale: allreduce only, whatever N
+    g = H.GlobalQSGDCompressor()
+    assert {g.protocol_for(r) for r in (2, 4, 64)} == {"allreduce"}
+    with pytest.raises(RuntimeError, match="only the 'allreduce' protocol"):
+        g.compress_for_allgather(np.ones(16, np.float32))
 
 
 def test_decompress_gathered_rejects_wrong_size():
