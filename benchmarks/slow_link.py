@@ -9,9 +9,11 @@ once per (rate, ranks):
 Every rank trains the same synthetic step (an MLP 3072 -> 2048 -> 2048 -> 10 on a batch of
 random 3x32x32 "images") through horovod_nuq.torch.DistributedOptimizer for each configuration:
 none (float32), fp16 (hvd.Compression.fp16), the default NUQCompressor() (protocol "auto": the
-optimizer routes whichever protocol moves fewer bytes at this N), qsgd/qsgdinf/nuq/tnq/globalqsgd
-with protocol "allreduce" (what Horovod's own hvd.DistributedOptimizer runs) and qsgd/qsgdinf/
-nuq/tnq with protocol "allgather", all other settings at their defaults.
+optimizer routes whichever protocol moves fewer bytes at this N), nuq/qsgd through Horovod's own
+hvd.DistributedOptimizer ("stock": protocol allreduce with one scale agreement per tensor),
+qsgd/qsgdinf/nuq/tnq/globalqsgd with protocol "allreduce" (horovod_nuq's optimizer: one scale
+agreement per step) and qsgd/qsgdinf/nuq/tnq with protocol "allgather", all other settings at
+their defaults. Configs other than "stock" run through horovod_nuq.torch.DistributedOptimizer.
 Rank 0 prints one table (and appends it to benchmarks/results/slow_link.md and one JSON line per
 configuration to benchmarks/results/slow_link.jsonl). `--summarize FILE.jsonl` prints, from those
 lines, which protocol wins per scheme as N and the rate change, and the headline ratios.
@@ -35,7 +37,7 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIGS = ["none", "fp16", "nuq/auto", "qsgd/allreduce", "qsgdinf/allreduce", "nuq/allreduce", "tnq/allreduce",
+CONFIGS = ["none", "fp16", "nuq/auto", "nuq/stock", "qsgd/stock", "qsgd/allreduce", "qsgdinf/allreduce", "nuq/allreduce", "tnq/allreduce",
            "globalqsgd/allreduce", "qsgd/allgather", "qsgdinf/allgather", "nuq/allgather",
            "tnq/allgather"]
 
@@ -91,7 +93,10 @@ def make_compression(name: str, hvd, nuq, clock: Clock, bits, engine: str):
     scheme, protocol = name.split("/")
     cls = {"qsgd": nuq.QSGDCompressor, "qsgdinf": nuq.QSGDInfCompressor, "nuq": nuq.NUQCompressor,
            "tnq": nuq.TNQCompressor, "globalqsgd": nuq.GlobalQSGDCompressor}[scheme]
-    comp = cls(bits=bits, protocol=protocol, **({"fused": False} if engine == "generic" else {}))
+    comp = cls(bits=bits, protocol="allreduce" if protocol == "stock" else protocol,
+               **({"fused": False} if engine == "generic" else {}))
+    if protocol == "stock":
+        protocol = "allreduce, stock hvd optimizer"
     if protocol == "auto":
         protocol = f"auto: {comp.protocol_for(hvd.size())}"
     for meth in ("compress", "decompress", "compress_for_allgather"):
@@ -161,19 +166,27 @@ def run_config(name: str, torch, hvd, nuq, args, clock: Clock) -> dict:
     model = build_model(torch, args.hidden)
     numel = sum(p.numel() for p in model.parameters())
     tag = name.replace("/", "_")
-    opt = nuq.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
-                                   named_parameters=[(f"{tag}.{n}", p) for n, p in model.named_parameters()],
-                                   compression=comp)
+    stock = name.endswith("/stock")
+    factory = hvd.DistributedOptimizer if stock else nuq.DistributedOptimizer
+    opt = factory(torch.optim.SGD(model.parameters(), lr=0.01),
+                  named_parameters=[(f"{tag}.{n}", p) for n, p in model.named_parameters()],
+                  compression=comp)
     x, y = make_batch(torch, args.batch, hvd.rank())
+
+    def step() -> None:
+        train_step(torch, model, opt, x, y)
+        if stock:  # Horovod's optimizer does not close the compressor's steps; ours does
+            comp.stats.mark_step()
+
     # warm-up: one step, a second one too when it is cheap; the last one sets the step count
     t = time.perf_counter()
-    train_step(torch, model, opt, x, y)
+    step()
     est = agree(hvd, torch, time.perf_counter() - t, f"sl.{tag}.w1")
     warm = 1
     if args.warmup > 1 and est < args.cheap_warmup_s:
         for _ in range(args.warmup - 1):
             t = time.perf_counter()
-            train_step(torch, model, opt, x, y)
+            step()
             warm += 1
         est = agree(hvd, torch, time.perf_counter() - t, f"sl.{tag}.w2")
     steps = int(max(args.min_steps, min(args.max_steps, args.time_budget_s // max(est, 1e-6))))
@@ -181,7 +194,7 @@ def run_config(name: str, torch, hvd, nuq, args, clock: Clock) -> dict:
     lo0 = lo_bytes()
     t0 = time.perf_counter()
     for _ in range(steps):
-        train_step(torch, model, opt, x, y)
+        step()
     dt = (time.perf_counter() - t0) / steps
     lo = (lo_bytes() - lo0) / steps
     if hasattr(comp, "stats"):
@@ -249,8 +262,8 @@ def summarize(path: str) -> str:
     for _, rate, n in cells:
         f32, f16 = by.get((rate, n, "none")), by.get((rate, n, "fp16"))
         labels = {"nuq/auto": " (default NUQCompressor(), horovod_nuq's optimizer)",
-                  "nuq/allreduce": " (what stock hvd.DistributedOptimizer runs)"}
-        for cfg in ("nuq/auto", "nuq/allreduce", "nuq/allgather"):
+                  "nuq/stock": " (default NUQCompressor(), stock hvd.DistributedOptimizer)"}
+        for cfg in ("nuq/auto", "nuq/stock", "nuq/allreduce", "nuq/allgather"):
             r = by.get((rate, n, cfg))
             if r and f32 and f16:
                 protocol = f" [{r['protocol']}]" if cfg == "nuq/auto" else ""

@@ -12,13 +12,13 @@
 #      collectives, no Horovod hierarchical ops: every byte between ranks crosses the shaped lo;
 #      the table's "lo MB/step" column shows it);
 #   4. prints a summary: which protocol wins per scheme, and NUQ vs float32 / float16.
-# Results: benchmarks/results/slow_link.md (tables, one per rate and N) and slow_link.jsonl.
+# Results: $RESULTS.md (tables, one per rate and N) and $RESULTS.jsonl.
 #
 # Note: the shaped lo is ONE link shared by all ranks (all ranks' bytes go through one token
 # bucket, like a hub), not one link per node: a ring allreduce of S bytes puts 2(N-1)S on it.
 #
 # Environment knobs (defaults in brackets):
-#   RATES ["100mbit 1gbit"]  NPS ["2 4"]  OPS [mpi] (or gloo: Horovod's Gloo ops, launched by
+#   RATES ["100mbit 1gbit"]  NPS ["2 4"]  RESULTS [benchmarks/results/slow_link] (.md/.jsonl)  OPS [mpi] (or gloo: Horovod's Gloo ops, launched by
 #   `horovodrun --gloo --network-interface lo`; mpirun + HOROVOD_CPU_OPERATIONS=gloo segfaults)
 #   QUEUE ["latency 50ms"]: tbf queue bound (e.g. "limit 16mb")
 #   SLOW_ARGS [""] / FAST_ARGS ["--rounds 2 --max-steps 3"]: slow_link.py args for rates in
@@ -81,9 +81,10 @@ export HOROVOD_FUSION_THRESHOLD="${HOROVOD_FUSION_THRESHOLD:-67108864}"
 
 RATES=${RATES:-"100mbit 1gbit"}
 NPS=${NPS:-"2 4"}
-mkdir -p benchmarks/results
-MD=benchmarks/results/slow_link.md
-JSONL=benchmarks/results/slow_link.jsonl
+mkdir -p "$(dirname "$RESULTS")"
+RESULTS=${RESULTS:-benchmarks/results/slow_link}  # writes $RESULTS.md and $RESULTS.jsonl (overwritten)
+MD=$RESULTS.md
+JSONL=$RESULTS.jsonl
 : > "$JSONL"
 {
     echo "# slow_link benchmark ($(date '+%Y-%m-%d %H:%M'), $(getconf _NPROCESSORS_ONLN) cores, git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$([[ -n "$(git status --porcelain -- horovod_nuq 2>/dev/null)" ]] && echo ' + uncommitted horovod_nuq changes'))"
@@ -133,7 +134,7 @@ for rate in $RATES; do
             transport="Horovod Gloo ops (horovodrun --gloo) on lo"
         fi
         # shellcheck disable=SC2046
-        "${launch[@]}" python benchmarks/slow_link.py --rate "$rate" --transport "$transport" \
+        "${launch[@]}" python benchmarks/slow_link.py --rate "$rate" --transport "$transport" --md "$MD" --jsonl "$JSONL" \
             $(rate_args "$rate") "$@"
         after=$(tc -s qdisc show dev lo | awk '/Sent/ {print $2}')
         echo "   (qdisc on lo passed $(( (${after:-0} - ${before:-0}) / 1000000 )) MB during this mpirun;" \

@@ -27,6 +27,10 @@ from .backends import Backend, backend_for
 from .stats import WireStats
 
 PROTOCOLS = ("auto", "allreduce", "allgather")
+# "auto" takes allreduce only when it moves at least 10% fewer bytes: allgather needs no scale
+# agreement and keeps per-rank scales (lower variance). At a byte tie (NUQ, 8 ranks: 28.1 vs
+# 28.4 bits per coordinate) allgather measured 11% faster (benchmarks/results/slow_link_n8.md).
+ALLREDUCE_MARGIN = 0.9
 _COLLECTIVES = {"torch": "horovod_nuq.torch.collectives",
                 "tensorflow": "horovod_nuq.tensorflow.collectives"}
 
@@ -88,8 +92,12 @@ class Compressor:
         return f"{type(self).__name__}({self.scheme.describe()}, protocol={self.protocol!r})"
 
     # ---- Horovod's compression API (protocol "allreduce") ------------------------------
-    def compress(self, tensor: Any) -> tuple[Any, Context]:
-        """Quantize onto the ranks' shared grid; return summable float64 words and the context."""
+    def compress(self, tensor: Any, *, scale: Any = None) -> tuple[Any, Context]:
+        """Quantize onto the ranks' shared grid; return summable float64 words and the context.
+
+        scale: this tensor's entry from `agree_scales`, when all of a step's scales were agreed
+        in one round trip; by default the scales are agreed here (one Max allreduce).
+        """
         if self.protocol == "allgather":
             raise RuntimeError(
                 f"{self!r} sends per-rank codes with allgather, which Horovod's own optimizers "
@@ -98,12 +106,33 @@ class Compressor:
         xp, coll = self._frontend(tensor)
         engine, ctx = self._engine(xp, tensor), self._context(xp, tensor)
         work, r = engine.scales(tensor, ctx.numel)
-        r = self._agree_scale(xp, coll, r)
+        if scale is None:
+            r, agreement = self._agree_scale(xp, coll, r), 4 * (ctx.n_buckets + 2)
+        elif xp.shape(scale) != (ctx.n_buckets,):
+            raise ValueError(f"scale has shape {xp.shape(scale)}, but a tensor of {ctx.numel} elements "
+                             f"has {ctx.n_buckets} buckets: pass this tensor's entry of agree_scales()")
+        else:
+            r, agreement = scale, 4 * ctx.n_buckets  # the config ids were counted by agree_scales
         layout = self._layout(coll.size(self.process_set))
         payload = engine.encode_sums(work, r, layout, self._draws(xp, coll, tensor))
         padded = ctx.n_buckets * self.scheme.bucket_size
-        coll.record(self.stats, layout.payload_bytes(padded) + 4 * (ctx.n_buckets + 2), ctx.numel)
+        coll.record(self.stats, layout.payload_bytes(padded) + agreement, ctx.numel)
         return payload, Context(ctx.shape, ctx.dtype, ctx.numel, ctx.n_buckets, r)
+
+    def agree_scales(self, tensors: list) -> list:
+        """Every tensor's per-bucket scales, agreed over the ranks in one Max allreduce (all
+        ranks must pass the same tensor sizes in the same order). Passing each result to
+        `compress(t, scale=...)` replaces one blocking round trip per tensor by one per step."""
+        if not tensors:
+            return []
+        xp, coll = self._frontend(tensors[0])
+        local = []
+        for t in tensors:
+            self._frontend(t)
+            local.append(self._engine(xp, t).scales(t, xp.numel(t))[1])
+        agreed = self._agree_scale(xp, coll, xp.concat(local) if len(local) > 1 else local[0])
+        self.stats.record_overhead(8)  # the two config ids (float32) that ride along
+        return xp.split(agreed, [xp.shape(r)[0] for r in local]) if len(local) > 1 else [agreed]
 
     def decompress(self, payload: Any, ctx: Context) -> Any:
         """Decode the reduced words: the average (op Average) or sum (op Sum) of the ranks' Q(v)."""
@@ -156,7 +185,7 @@ class Compressor:
             reduce = 2 * (ranks - 1) / ranks * self.payload_bytes(numel, ranks, "allreduce")
         except ValueError:  # the sums do not fit a float64 word usefully
             return "allgather"
-        return "allreduce" if reduce <= gather else "allgather"
+        return "allreduce" if reduce <= ALLREDUCE_MARGIN * gather else "allgather"
 
     def decompress_gathered(self, gathered: Any, ctx: Context, average: bool = True) -> Any:
         """Decode every rank's payload in rank order and return their average (or sum)."""

@@ -33,6 +33,10 @@ class WireStats:
         self._count += 1
         self._open_tensors.append((int(numel), int(sent)))
 
+    def record_overhead(self, sent: int) -> None:
+        """Bytes sent that belong to no single tensor (a batched scale agreement's ids)."""
+        self._sent += int(sent)
+
     def _totals(self) -> tuple[int, int, int]:
         extra = self._graph_counters.read() if self._graph_counters is not None else (0, 0, 0)
         return self._sent + extra[0], self._float32 + extra[1], self._count + extra[2]

@@ -1,9 +1,13 @@
 """hvd.DistributedOptimizer with the same signature, which can also route the allgather protocol.
 
-For compressors that use protocol "allreduce" over this process set (and Horovod's own) this
-returns Horovod's optimizer unchanged. For "allgather" (chosen, or picked by "auto" because
-it moves fewer bytes at this many ranks) it reuses Horovod's optimizer and swaps the
-per-gradient allreduce for an allgather of each rank's packed codes.
+It reuses Horovod's optimizer class and swaps only the per-gradient reduction:
+- horovod_nuq compressors using protocol "allgather" (chosen, or picked by "auto" because it
+  moves fewer bytes at this many ranks): an allgather of each rank's packed codes;
+- protocol "allreduce": the allreduce waits for synchronize(), where one Max allreduce agrees
+  on every gradient's scales at once; Horovod's own optimizer instead makes each gradient's
+  compress() agree on its own, a blocking round trip per tensor that queues behind the
+  payloads already in flight (with `groups`/`num_groups` that per-tensor path is kept);
+- any other compression: Horovod's optimizer unchanged.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import Any
 
 import horovod.torch as hvd
 import torch
-from horovod.torch.mpi_ops import allgather_async, grouped_allgather_async
+from horovod.torch.mpi_ops import allgather_async, allreduce_async_, grouped_allgather_async
 from horovod.torch.optimizer import _DistributedOptimizer
 
 
@@ -51,6 +55,48 @@ def _grouped_allgather_grad_async(self, ps):
     return handle, [dataclasses.replace(c, average=self.op == hvd.Average) for c in ctxs]
 
 
+def _deferred_allreduce_async(self, p):
+    """Submit p's quantized allreduce with the scale agreed in synchronize(); during the
+    backward pass return no handle, so Horovod's synchronize() submits it then."""
+    if self._agreed is None:
+        return None, None
+    if p not in self._agreed:  # a sparse gradient (no sparse_as_dense): Horovod's own path
+        return _DistributedOptimizer._allreduce_grad_async(self, p)
+    tensor, scale = self._agreed.pop(p)
+    payload, ctx = self._compression.compress(tensor, scale=scale)
+    average = self.op == hvd.Average  # Horovod splits Average over pre/postscale likewise
+    handle = allreduce_async_(payload, name=self._parameter_names.get(p), op=self.op,
+                              prescale_factor=1.0 / self.gradient_predivide_factor if average else 1.0,
+                              postscale_factor=self.gradient_predivide_factor if average else 1.0,
+                              process_set=self.process_set)
+    return handle, ctx
+
+
+def _dense_grad(self, p: torch.Tensor) -> torch.Tensor | None:
+    """The gradient to quantize (zeros if this rank computed none); None for a sparse one
+    that Horovod reduces its own way."""
+    if p.grad is None:  # another rank may have a gradient: still take part, with zeros
+        p.grad = p.data.new(p.size()).zero_()
+    if p.grad.is_sparse:
+        return p.grad.to_dense() if self.sparse_as_dense else None
+    return p.grad
+
+
+def _agreeing_synchronize(self):
+    """Agree on the scales of every gradient still to be reduced in one round trip, then
+    run Horovod's synchronize(), which submits them and waits."""
+    if self.process_set.included():
+        pending = [p for p in self._requires_update if self._handles.get(p, (None, None))[0] is None]
+        grads = [(p, g) for p in sorted(pending, key=self._parameter_names.get)
+                 if (g := _dense_grad(self, p)) is not None]
+        scales = self._compression.agree_scales([g for _, g in grads])
+        self._agreed = {p: (g, r) for (p, g), r in zip(grads, scales)}
+    try:
+        _DistributedOptimizer.synchronize(self)
+    finally:
+        self._agreed = None
+
+
 def _step(self, closure=None):
     out = _DistributedOptimizer.step(self, closure)
     self._compression.stats.mark_step()
@@ -72,18 +118,25 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
               "backward_passes_per_step": backward_passes_per_step, "op": op,
               "gradient_predivide_factor": gradient_predivide_factor, "num_groups": num_groups,
               "groups": groups, "sparse_as_dense": sparse_as_dense, "process_set": process_set}
-    if not _gathers(compression, process_set):
+    ours = hasattr(compression, "protocol_for")
+    gathers = _gathers(compression, process_set)
+    if not ours or (not gathers and (groups is not None or num_groups)):
         opt = hvd.DistributedOptimizer(optimizer, **kwargs)
-        if hasattr(compression, "stats"):
+        if ours:
             type(opt).step = _step
         return opt
-    if op not in (hvd.Average, hvd.Sum):
+    if gathers and op not in (hvd.Average, hvd.Sum):
         raise ValueError("the allgather protocol averages or sums decoded gradients: use "
                          "op=hvd.Average or op=hvd.Sum (Adasum is not supported)")
     if backward_passes_per_step <= 0:
         raise ValueError("backward_passes_per_step must be > 0")
-    attrs = dict(_DistributedOptimizer.__dict__, _allreduce_grad_async=_allgather_grad_async,
-                 _grouped_allreduce_grad_async=_grouped_allgather_grad_async, step=_step)
+    if gathers:
+        swap = {"_allreduce_grad_async": _allgather_grad_async,
+                "_grouped_allreduce_grad_async": _grouped_allgather_grad_async}
+    else:
+        swap = {"_allreduce_grad_async": _deferred_allreduce_async,
+                "synchronize": _agreeing_synchronize, "_agreed": None}
+    attrs = dict(_DistributedOptimizer.__dict__, **swap, step=_step)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), attrs)
     return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step,
                op, gradient_predivide_factor, groups if groups is not None else (num_groups or None),

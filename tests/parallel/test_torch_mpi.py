@@ -235,7 +235,10 @@ def test_training_default_protocol_auto(cls):
     assert all_same(flat)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
     chosen = comp.protocol_for(N)
-    expected = sum(comp.payload_bytes(p.numel(), N, chosen) for p in _model_params())
+    params = _model_params()
+    expected = sum(comp.payload_bytes(p.numel(), N, chosen) for p in params)
+    if chosen == "allreduce":  # one agreement per step: the 8 bytes of config ids once, not per tensor
+        expected -= 8 * (len(params) - 1)
     assert comp.stats.steps[-1] == expected, (chosen, comp.stats.steps[-1], expected)
     if cls is nuq.GlobalQSGDCompressor or N == 1:
         assert chosen == "allreduce"
@@ -255,13 +258,35 @@ def test_optimizer_options(protocol, options):
     assert np.isfinite(losses).all()
 
 
-def test_backward_passes_per_step():
-    comp = nuq.QSGDInfCompressor()
+OPTIMIZERS = {"stock": hvd.DistributedOptimizer,  # per-tensor scale agreement inside compress()
+              "nuq": nuq.DistributedOptimizer}    # one agreement per step, in synchronize()
+
+
+@pytest.mark.parametrize("cls", [nuq.NUQCompressor, nuq.GlobalQSGDCompressor], ids=lambda c: c.__name__)
+def test_allreduce_protocol_agrees_once_per_step(cls):
+    """horovod_nuq's optimizer agrees on all gradients' scales in one Max allreduce per step
+    (Horovod's own makes one per gradient); training and agreement across ranks are unchanged."""
+    comp = cls(seed=1, protocol="allreduce")
+    calls = []
+    agree = comp._agree_scale
+    comp._agree_scale = lambda *a: calls.append(1) or agree(*a)
+    losses, flat = _train(lambda o, ps: nuq.DistributedOptimizer(o, named_parameters=ps, compression=comp))
+    assert len(calls) == 25, len(calls)
+    assert all_same(flat)
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
+    params = _model_params()
+    expected = sum(comp.payload_bytes(p.numel(), N, "allreduce") for p in params) - 8 * (len(params) - 1)
+    assert comp.stats.steps[-1] == expected
+
+
+@pytest.mark.parametrize("factory", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_backward_passes_per_step(factory):
+    comp = nuq.QSGDInfCompressor(protocol="allreduce")
     torch.manual_seed(0)
     model = torch.nn.Linear(10, 1)
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05),
-                                   named_parameters=model.named_parameters(), compression=comp,
-                                   backward_passes_per_step=2)
+    opt = factory(torch.optim.SGD(model.parameters(), lr=0.05),
+                  named_parameters=model.named_parameters(), compression=comp,
+                  backward_passes_per_step=2)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     for _ in range(5):
         opt.zero_grad()
@@ -271,13 +296,13 @@ def test_backward_passes_per_step():
     assert all_same(model.weight.detach())
 
 
-def test_sparse_as_dense_embedding():
+@pytest.mark.parametrize("factory", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_sparse_as_dense_embedding(factory):
     torch.manual_seed(0)
     emb = torch.nn.Embedding(50, 8, sparse=True)
-    comp = nuq.QSGDCompressor()
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(emb.parameters(), lr=0.1),
-                                   named_parameters=emb.named_parameters(), compression=comp,
-                                   sparse_as_dense=True)
+    comp = nuq.QSGDCompressor(protocol="allreduce")
+    opt = factory(torch.optim.SGD(emb.parameters(), lr=0.1),
+                  named_parameters=emb.named_parameters(), compression=comp, sparse_as_dense=True)
     hvd.broadcast_parameters(emb.state_dict(), root_rank=0)
     for _ in range(3):
         opt.zero_grad()

@@ -342,3 +342,25 @@ def test_quantize_indices_in_range_for_nonfinite_bucket(fw):
         idx = to_np(codec.quantize(xp, v, r, tab, to_fw(fw, np.full((2, 8), 0.5, np.float32))))
     k = scheme.levels.k
     assert np.all((idx >= -k) & (idx <= k)), idx
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+@pytest.mark.parametrize("name", ["qsgd", "nuqsgd", "globalqsgd"])
+def test_agree_scales_batch_matches_per_tensor_agreement(fw, name):
+    """One agreement for several tensors gives each tensor the scales (and so the payload)
+    that compress() agrees on alone; the bytes count the shared config ids once."""
+    rng = np.random.default_rng(3)
+    xs = [to_fw(fw, rng.standard_normal(n).astype(np.float32)) for n in (700, 1, 4096)]
+    alone, batched = KINDS[name](seed=4, protocol="allreduce"), KINDS[name](seed=4, protocol="allreduce")
+    scales = batched.agree_scales(xs)
+    for x, r in zip(xs, scales):
+        p1, c1 = alone.compress(x)
+        p2, c2 = batched.compress(x, scale=r)
+        np.testing.assert_array_equal(to_np(c1.scale), to_np(c2.scale))
+        np.testing.assert_array_equal(to_np(p1), to_np(p2))
+        np.testing.assert_array_equal(to_np(alone.decompress(p1, c1)), to_np(batched.decompress(p2, c2)))
+    assert batched.stats.total_bytes == alone.stats.total_bytes - 8 * (len(xs) - 1)
+    assert batched.stats.tensors == alone.stats.tensors == len(xs)
+    assert batched.agree_scales([]) == []
+    with pytest.raises(ValueError, match="buckets: pass this tensor's entry of agree_scales"):
+        batched.compress(xs[2], scale=scales[0])
