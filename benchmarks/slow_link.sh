@@ -81,8 +81,8 @@ export HOROVOD_FUSION_THRESHOLD="${HOROVOD_FUSION_THRESHOLD:-67108864}"
 
 RATES=${RATES:-"100mbit 1gbit"}
 NPS=${NPS:-"2 4"}
-mkdir -p "$(dirname "$RESULTS")"
 RESULTS=${RESULTS:-benchmarks/results/slow_link}  # writes $RESULTS.md and $RESULTS.jsonl (overwritten)
+mkdir -p "$(dirname "$RESULTS")"
 MD=$RESULTS.md
 JSONL=$RESULTS.jsonl
 : > "$JSONL"
