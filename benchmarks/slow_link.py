@@ -99,7 +99,7 @@ def make_compression(name: str, hvd, nuq, clock: Clock, bits, engine: str):
         protocol = "allreduce, stock hvd optimizer"
     if protocol == "auto":
         protocol = f"auto: {comp.protocol_for(hvd.size())}"
-    for meth in ("compress", "decompress", "compress_for_allgather"):
+    for meth in ("compress", "decompress", "compress_for_allgather", "agree_scales"):
         setattr(comp, meth, clock.wrap(getattr(comp, meth), "codec"))
     if hasattr(comp, "_agree_scale"):  # the per-bucket scale agreement (a blocking Max allreduce)
         comp._agree_scale = clock.wrap(comp._agree_scale, "agree")
