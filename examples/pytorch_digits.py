@@ -4,9 +4,10 @@
     mpirun -np 2 python examples/pytorch_digits.py --compression qsgd --protocol allgather
     mpirun -np 2 python examples/pytorch_digits.py --compression nuq --synthetic   # img/sec
 
-protocol allreduce (default): Horovod's stock hvd.DistributedOptimizer carries the quantized
-gradients. protocol allgather: horovod_nuq.torch.DistributedOptimizer (same signature)
-gathers each rank's bit-packed codes instead.
+--protocol allreduce: Horovod's stock hvd.DistributedOptimizer carries the quantized
+gradients. --protocol allgather: horovod_nuq.torch.DistributedOptimizer (same signature)
+gathers each rank's bit-packed codes instead. --protocol auto (default): the cheaper of the
+two for this many ranks (comp.protocol_for), through the matching optimizer.
 """
 from __future__ import annotations
 

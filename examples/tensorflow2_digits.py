@@ -5,8 +5,8 @@
     mpirun -np 2 python examples/tensorflow2_digits.py --compression nuq --synthetic   # img/sec
 
 Training step: tf.GradientTape wrapped by horovod_nuq.tensorflow.DistributedGradientTape
-(Horovod's own tape for allreduce-protocol compressors, an allgather of bit-packed codes for
-protocol allgather), all inside one tf.function.
+(Horovod's own tape where the compressor's protocol is allreduce, an allgather of bit-packed
+codes where it is allgather or auto picks it), all inside one tf.function.
 """
 from __future__ import annotations
 
