@@ -105,14 +105,14 @@ class Compressor:
                 "horovod_nuq.tensorflow.DistributedGradientTape, or protocol='allreduce'.")
         xp, coll = self._frontend(tensor)
         engine, ctx = self._engine(xp, tensor), self._context(xp, tensor)
-        work, r = engine.scales(tensor, ctx.numel)
         if scale is None:
+            work, r = engine.scales(tensor, ctx.numel)
             r, agreement = self._agree_scale(xp, coll, r), 4 * (ctx.n_buckets + 2)
         elif xp.shape(scale) != (ctx.n_buckets,):
             raise ValueError(f"scale has shape {xp.shape(scale)}, but a tensor of {ctx.numel} elements "
                              f"has {ctx.n_buckets} buckets: pass this tensor's entry of agree_scales()")
-        else:
-            r, agreement = scale, 4 * ctx.n_buckets  # the config ids were counted by agree_scales
+        else:  # the config ids were counted by agree_scales
+            work, r, agreement = engine.work(tensor), scale, 4 * ctx.n_buckets
         layout = self._layout(coll.size(self.process_set))
         payload = engine.encode_sums(work, r, layout, self._draws(xp, coll, tensor))
         padded = ctx.n_buckets * self.scheme.bucket_size

@@ -26,8 +26,12 @@ class GenericEngine:
     def __init__(self, xp: Backend, scheme: Scheme, tables: codec.Tables) -> None:
         self.xp, self.scheme, self.tables = xp, scheme, tables
 
+    def work(self, tensor: Array) -> Array:
+        """The tensor in the form the encoders read (here: float32 buckets)."""
+        return codec.to_buckets(self.xp, tensor, self.scheme.bucket_size)
+
     def scales(self, tensor: Array, numel: int) -> tuple[Array, Array]:
-        v = codec.to_buckets(self.xp, tensor, self.scheme.bucket_size)
+        v = self.work(tensor)
         return v, codec.local_scale(self.xp, v, self.scheme, numel)
 
     def _indices(self, v: Array, r: Array, draws: Any) -> Array:
@@ -73,8 +77,11 @@ class FusedEngine(GenericEngine):
     def _np(self, x: Array, dtype) -> np.ndarray:
         return np.ascontiguousarray(self.xp.to_numpy(x).reshape(-1), dtype=dtype)
 
+    def work(self, tensor: Array) -> np.ndarray:
+        return self._np(self.xp.cast(tensor, "float32"), np.float32)
+
     def scales(self, tensor: Array, numel: int) -> tuple[Array, Array]:
-        x = self._np(self.xp.cast(tensor, "float32"), np.float32)
+        x = self.work(tensor)
         s = self.scheme
         r = host_empty(codec.n_buckets(numel, s.bucket_size), np.float32)
         self.lib.nuq_scales(kernels.ptr(x, kernels._F), numel, s.bucket_size, _SCALE_MODES[s.scale],
@@ -157,8 +164,11 @@ class GraphFusedEngine(GenericEngine):
         out.set_shape([size])
         return out
 
+    def work(self, tensor: Array) -> Array:
+        return self.xp.reshape(self.xp.cast(tensor, "float32"), [-1])
+
     def scales(self, tensor: Array, numel: int) -> tuple[Array, Array]:
-        x = self.xp.reshape(self.xp.cast(tensor, "float32"), [-1])
+        x = self.work(tensor)
         nb = codec.n_buckets(numel, self.scheme.bucket_size)
         r = self._call(lambda a: self.host.scales(a, numel)[1], [x], "float32", nb)
         return x, r
