@@ -130,12 +130,14 @@ class Compressor:
         for t in tensors:
             self._frontend(t)
             local.append(self._engine(xp, t).scales(t, xp.numel(t))[1])
-        agreed = self._agree_scale(xp, coll, xp.concat(local) if len(local) > 1 else local[0])
+        agreed = self._agree_scale(xp, coll, xp.concat(local))
         self.stats.record_overhead(8)  # the two config ids (float32) that ride along
-        return xp.split(agreed, [xp.shape(r)[0] for r in local]) if len(local) > 1 else [agreed]
+        return list(xp.split(agreed, [xp.shape(r)[0] for r in local]))
 
-    def decompress(self, payload: Any, ctx: Context) -> Any:
+    def decompress(self, payload: Any, ctx: Context | None) -> Any:
         """Decode the reduced words: the average (op Average) or sum (op Sum) of the ranks' Q(v)."""
+        if ctx is None:  # Horovod reduced this tensor without compress (its sparse-gradient path)
+            return payload
         if ctx.scale is None:  # routed by horovod_nuq's optimizer/tape through allgather
             return self.decompress_gathered(payload, ctx, ctx.average)
         xp = backend_for(payload)

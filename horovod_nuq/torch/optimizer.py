@@ -35,13 +35,9 @@ def _gathers(compression: Any, process_set: Any) -> bool:
 
 
 def _allgather_grad_async(self, p: torch.Tensor):
-    if p.grad is None:  # another rank may have a gradient: still take part, with zeros
-        p.grad = p.data.new(p.size()).zero_()
-    tensor = p.grad
-    if tensor.is_sparse:
-        if not self.sparse_as_dense:
-            raise ValueError("the allgather protocol needs dense gradients: pass sparse_as_dense=True")
-        tensor = tensor.to_dense()
+    tensor = _dense_grad(self, p)
+    if tensor is None:
+        raise ValueError("the allgather protocol needs dense gradients: pass sparse_as_dense=True")
     payload, ctx = self._compression.compress_for_allgather(tensor)
     handle = allgather_async(payload, name=f"nuq.{self._parameter_names.get(p)}",
                              process_set=self.process_set)

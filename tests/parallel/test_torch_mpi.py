@@ -311,6 +311,29 @@ def test_sparse_as_dense_embedding(factory):
     assert all_same(emb.weight.detach())
 
 
+@pytest.mark.parametrize("factory", OPTIMIZERS.values(), ids=OPTIMIZERS.keys())
+def test_sparse_gradients_without_sparse_as_dense(factory):
+    """Sparse gradients without sparse_as_dense take Horovod's own sparse path, which never
+    calls compress: decompress must pass them through. The allgather protocol asks for
+    sparse_as_dense instead."""
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(50, 8, sparse=True)
+    hvd.broadcast_parameters(emb.state_dict(), root_rank=0)
+    opt = factory(torch.optim.SGD(emb.parameters(), lr=0.1), named_parameters=emb.named_parameters(),
+                  compression=nuq.QSGDCompressor(protocol="allreduce"))
+    for _ in range(3):
+        opt.zero_grad()
+        emb(torch.randint(0, 50, (16,))).sum().backward()
+        opt.step()
+    assert all_same(emb.weight.detach())
+    emb2 = torch.nn.Embedding(50, 8, sparse=True)
+    opt = nuq.DistributedOptimizer(torch.optim.SGD(emb2.parameters(), lr=0.1),
+                                   named_parameters=emb2.named_parameters(),
+                                   compression=nuq.QSGDCompressor(protocol="allgather"))
+    with pytest.raises(ValueError, match="sparse_as_dense=True"):
+        emb2(torch.randint(0, 50, (16,))).sum().backward()
+
+
 def test_registered_with_horovod():
     for name in ("qsgd", "qsgdinf", "nuq", "tnq", "globalqsgd"):
         comp = getattr(hvd.Compression, name)
