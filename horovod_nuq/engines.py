@@ -84,8 +84,8 @@ class FusedEngine(GenericEngine):
         x = self.work(tensor)
         s = self.scheme
         r = host_empty(codec.n_buckets(numel, s.bucket_size), np.float32)
-        self.lib.nuq_scales(kernels.ptr(x, kernels._F), numel, s.bucket_size, _SCALE_MODES[s.scale],
-                            float(s.truncation or 0.0), kernels.ptr(r, kernels._F))
+        self.lib.nuq_scales(kernels.ptr(x), numel, s.bucket_size, _SCALE_MODES[s.scale],
+                            float(s.truncation or 0.0), kernels.ptr(r))
         return x, self.xp.constant(r, tensor)
 
     def encode_sums(self, x: np.ndarray, r: Array, layout: wire.SumLayout, draws: Any) -> Array:
@@ -93,19 +93,19 @@ class FusedEngine(GenericEngine):
         rn = self._np(r, np.float32)
         out = host_empty(layout.words(rn.size * s.bucket_size) + 1, np.float64)
         out[-1] = 1.0  # sentinel
-        self.lib.nuq_encode_sums(kernels.ptr(x, kernels._F), x.size, s.bucket_size, kernels.ptr(rn, kernels._F),
-                                 kernels.ptr(self._levels, kernels._F), kernels.ptr(self._signed_num, kernels._I64),
+        self.lib.nuq_encode_sums(kernels.ptr(x), x.size, s.bucket_size, kernels.ptr(rn),
+                                 kernels.ptr(self._levels), kernels.ptr(self._signed_num),
                                  t.k, int(t.uniform), draws.key(), layout.width, layout.per_word,
-                                 layout.bound, kernels.ptr(out, kernels._D))
+                                 layout.bound, kernels.ptr(out))
         return self.xp.constant(out, r)
 
     def encode_codes(self, x: np.ndarray, r: Array, draws: Any) -> Array:
         s, t = self.scheme, self.tables
         rn = self._np(r, np.float32)
         out = host_empty(wire.packed_code_bytes(rn.size * s.bucket_size, s.code_bits), np.uint8)
-        self.lib.nuq_encode_codes(kernels.ptr(x, kernels._F), x.size, s.bucket_size, kernels.ptr(rn, kernels._F),
-                                  kernels.ptr(self._levels, kernels._F), t.k, int(t.uniform), draws.key(),
-                                  s.code_bits, kernels.ptr(out, kernels._U8))
+        self.lib.nuq_encode_codes(kernels.ptr(x), x.size, s.bucket_size, kernels.ptr(rn),
+                                  kernels.ptr(self._levels), t.k, int(t.uniform), draws.key(),
+                                  s.code_bits, kernels.ptr(out))
         return self.xp.constant(out, r)
 
     def decode_sums(self, payload: Array, r: Array, layout: wire.SumLayout, nb: int) -> Array:
@@ -119,9 +119,9 @@ class FusedEngine(GenericEngine):
         rn = self._np(r, np.float32)
         out = host_empty(nb * bs, np.float32)
         bad = self.lib.nuq_decode_sums(
-            kernels.ptr(p, kernels._D), nb * bs, bs, layout.ranks / sentinel, layout.width,
-            layout.per_word, layout.bound * layout.ranks, kernels.ptr(rn, kernels._F),
-            np.float32(sentinel / layout.ranks / self.tables.denominator), kernels.ptr(out, kernels._F))
+            kernels.ptr(p), nb * bs, bs, layout.ranks / sentinel, layout.width,
+            layout.per_word, layout.bound * layout.ranks, kernels.ptr(rn),
+            np.float32(sentinel / layout.ranks / self.tables.denominator), kernels.ptr(out))
         if bad:
             raise ValueError(wire.not_integer_message(layout.ranks))
         return self.xp.reshape(self.xp.constant(out, r), [nb, bs])
@@ -134,9 +134,9 @@ class FusedEngine(GenericEngine):
             raise ValueError(f"packed codes: expected {expected} bytes, got {c.size}")
         rn = self._np(r, np.float32)
         out = host_empty(nb * s.bucket_size, np.float32) if acc is None else acc
-        bad = self.lib.nuq_decode_codes(kernels.ptr(c, kernels._U8), out.size, s.bucket_size,
-                                        kernels.ptr(rn, kernels._F), kernels.ptr(self._signed_values, kernels._F),
-                                        self.tables.k, s.code_bits, np.float32(scale), kernels.ptr(out, kernels._F),
+        bad = self.lib.nuq_decode_codes(kernels.ptr(c), out.size, s.bucket_size,
+                                        kernels.ptr(rn), kernels.ptr(self._signed_values),
+                                        self.tables.k, s.code_bits, np.float32(scale), kernels.ptr(out),
                                         int(acc is None))
         if bad:
             raise ValueError(f"packed codes: a code exceeds 2k = {2 * self.tables.k}: the payload is "
