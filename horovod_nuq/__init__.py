@@ -1,4 +1,4 @@
-"""horovod-nuq: provably unbiased gradient quantizers for Horovod (PyTorch and TensorFlow).
+"""horovod-nuq: gradient quantizers for Horovod (PyTorch and TensorFlow).
 
     import horovod.torch as hvd
     from horovod_nuq import NUQCompressor
@@ -16,10 +16,13 @@ from .compressor import (
                          QSGDInfCompressor,
                          TNQCompressor,
 )
+from .registration import install_import_hook
 from .schemes import Scheme, make_scheme
 from .stats import WireStats
 
 __version__ = "0.1.0"
+
+install_import_hook()  # hvd.Compression.<scheme> in every Horovod frontend, now or later
 
 if "tensorflow" in sys.modules:  # keep AutoGraph from converting the codec when TF traces it
     from .backends import tensorflow as _tf_backend  # noqa: F401

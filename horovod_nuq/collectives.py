@@ -1,20 +1,68 @@
-"""The few Horovod calls a compressor makes, for one Horovod framework module.
+"""The collective calls the transports make, one object per framework, passed in explicitly.
 
-horovod.torch and horovod.tensorflow expose the same API, so one class serves both; the
-TensorFlow frontend adds only what graphs need (generators outside the graph, byte counters
-that run with the graph). horovod_nuq.local is the single-process stand-in.
+`HorovodCollectives` serves horovod.torch and horovod.tensorflow alike (they share the API);
+the TensorFlow frontend adds only what graphs need. `LOCAL` is the single-process stand-in
+(NumPy arrays, tests, offline tools). Frontends `register` theirs; `for_framework` finds it.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
+_FRONTENDS = {"torch": "horovod_nuq.torch.collectives",
+              "tensorflow": "horovod_nuq.tensorflow.collectives"}
+_REGISTRY: dict[str, Any] = {}
 
-class HorovodCollectives:
-    """rank, size, the scale agreement (Max allreduce) and error-message gathering."""
+
+class LocalCollectives:
+    """One rank, no communication: every collective returns its input."""
+
+    linear_ops: tuple = ()  # the reduction ops a compressor can decode (Horovod's Average, Sum)
+
+    def rank(self) -> int:
+        return 0
+
+    def size(self, process_set: Any = None) -> int:
+        return 1
+
+    def gather_text(self, text: str, process_set: Any = None) -> list:
+        return [text]
+
+    def allreduce_max(self, x: Any, process_set: Any = None) -> Any:
+        return x
+
+    def allgather_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
+        return x
+
+    def allreduce_sum_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
+        return x
+
+    def allreduce_max_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
+        return x
+
+    def wait(self, handle: Any) -> Any:
+        return handle
+
+    def poll(self, handle: Any) -> bool:
+        return True
+
+    def make_rng(self, xp: Any, seed: int, like: Any) -> Any:
+        return xp.make_rng(seed, like)
+
+    def record(self, stats: Any, sent: int, numel: int) -> None:
+        stats.record(sent, numel)
+
+
+LOCAL = LocalCollectives()
+
+
+class HorovodCollectives(LocalCollectives):
+    """Horovod's rank, size, Max allreduce, asynchronous allgather and error-message gathering."""
 
     def __init__(self, hvd: Any, stable_names: bool) -> None:
         self.hvd = hvd
         self.stable_names = stable_names
+        self.linear_ops = (hvd.Average, hvd.Sum)
 
     def rank(self) -> int:
         return self.hvd.rank()
@@ -28,17 +76,49 @@ class HorovodCollectives:
 
     def allreduce_max(self, x: Any, process_set: Any = None) -> Any:
         """Synchronous Max allreduce. With stable_names, a name that depends only on the size:
-        compressors call this one tensor at a time, so the name is never in flight twice, and
-        it stays in Horovod's response cache from step to step (unnamed calls get a new name
-        each time and evict it)."""
+        it is never in flight twice (one tensor at a time) and stays in Horovod's response
+        cache from step to step (unnamed calls get a new name each time and evict it)."""
         name = f"horovod_nuq.scale.{_numel(x)}" if self.stable_names else None
         return self.hvd.allreduce(x, op=self.hvd.Max, name=name, **_ps(process_set))
 
-    def make_rng(self, xp: Any, seed: int, like: Any) -> Any:
-        return xp.make_rng(seed, like)
+    def allgather_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
+        return self.hvd.allgather_async(x, name=name, **_ps(process_set))
 
-    def record(self, stats: Any, sent: int, numel: int) -> None:
-        stats.record(sent, numel)
+    def allreduce_sum_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
+        return self.hvd.allreduce_async(x, name=name, op=self.hvd.Sum, **_ps(process_set))
+
+    def allreduce_max_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
+        return self.hvd.allreduce_async(x, name=name, op=self.hvd.Max, **_ps(process_set))
+
+    def wait(self, handle: Any) -> Any:
+        return self.hvd.synchronize(handle)
+
+    def poll(self, handle: Any) -> bool:
+        return self.hvd.poll(handle)
+
+
+def register(framework: str, collectives: Any) -> Any:
+    """Make `collectives` the default for tensors of `framework` ('torch', 'tensorflow',
+    'numpy'); returns the one it replaces (None if none), so tests can restore it."""
+    old = _REGISTRY.get(framework)
+    _REGISTRY[framework] = collectives
+    return old
+
+
+def for_framework(framework: str) -> Any:
+    """The registered collectives for a framework's tensors, importing its frontend on first use."""
+    if framework not in _REGISTRY:
+        module = _FRONTENDS.get(framework)
+        if module is None:
+            return LOCAL
+        try:
+            importlib.import_module(module)  # registers itself
+        except ImportError as e:
+            raise RuntimeError(
+                f"horovod_nuq needs Horovod for {framework} tensors ({e}). Install Horovod with "
+                f"{framework} support, or pass collectives=horovod_nuq.collectives.LOCAL for a "
+                "single process.") from e
+    return _REGISTRY[framework]
 
 
 def _ps(process_set: Any) -> dict:

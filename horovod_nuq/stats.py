@@ -14,8 +14,8 @@ class WireStats:
     """Running totals of payload bytes handed to collectives, and the float32 bytes they replace.
 
     `mark_step()` closes a training step; `steps` then lists bytes sent per step, and
-    `step_tensors` the (elements, bytes sent) of each tensor of the last closed step (eager
-    calls; inside tf.function only the totals are counted, by graph-side counters).
+    `step_tensors` the (elements, bytes sent) of each tensor of the last closed step. Inside
+    tf.function the counts are taken each time the graph runs (a run-time callback op).
     """
 
     _sent: int = 0
@@ -25,7 +25,6 @@ class WireStats:
     step_tensors: list = field(default_factory=list)
     _open_tensors: deque = field(default_factory=lambda: deque(maxlen=OPEN_TENSORS_MAX))
     _step_start: int = 0
-    _graph_counters: object = None  # set by the TensorFlow frontend for graph-mode counting
 
     def record(self, sent: int, numel: int) -> None:
         self._sent += int(sent)
@@ -38,8 +37,7 @@ class WireStats:
         self._sent += int(sent)
 
     def _totals(self) -> tuple[int, int, int]:
-        extra = self._graph_counters.read() if self._graph_counters is not None else (0, 0, 0)
-        return self._sent + extra[0], self._float32 + extra[1], self._count + extra[2]
+        return self._sent, self._float32, self._count
 
     @property
     def tensors(self) -> int:
@@ -79,8 +77,6 @@ class WireStats:
         self.steps.clear()
         self.step_tensors = []
         self._open_tensors.clear()
-        if self._graph_counters is not None:
-            self._graph_counters.reset()
 
     def summary(self) -> str:
         sent, f32, n = self._totals()

@@ -159,3 +159,30 @@ def unpack_sums(xp: Backend, payload: Array, layout: SumLayout, count: int) -> t
     if xp.numel(fields) != count:
         fields = xp.split(fields, [count, xp.numel(fields) - count])[0]
     return fields - layout.bound * layout.ranks, sentinel
+
+
+# ---- the sentinel that rides Horovod's allreduce beside a gathered payload ---------------
+SENTINEL_WORDS = 3
+
+
+def sentinel(tag: int) -> np.ndarray:
+    """[1, t, t^2] as float64: after any linear reduction c * sum over n ranks it reads
+    c*n * [1, mean t, mean t^2], so it gives the reduction's scale c*n, and the tags of the
+    ranks agree exactly when mean t^2 = (mean t)^2 = t^2 (zero variance)."""
+    return np.array([1.0, tag, tag * tag], dtype=np.float64)
+
+
+def read_sentinel(xp: Backend, reduced: Array, tag: int, what: str) -> Array:
+    """The reduction's scale c*n from a reduced sentinel (a float64 scalar array), after
+    checking it is a positive scale and every rank paired the same payload with it."""
+    s0, s1, s2 = xp.split(xp.reshape(reduced, [-1]), [1, 1, 1])
+    xp.require(xp.max_all(s0) > 0, BAD_SENTINEL)
+    mean1, mean2 = s1 / s0, s2 / s0
+    tol = 1e-6 * (1 + tag * tag)
+    xp.require(xp.max_all(xp.abs(mean2 - mean1 * mean1)) <= tol,
+               f"horovod_nuq: the gathered payload paired with {what} is another tensor on some "
+               "rank: ranks submitted same-size gradients in different orders, or gave the "
+               "compressor different tensors. Submit gradients in the same order on every rank "
+               "(or use horovod_nuq's DistributedOptimizer, which names each by its parameter).")
+    xp.require(xp.max_all(xp.abs(mean1 - np.float64(tag))) <= tol, BAD_SENTINEL)
+    return s0

@@ -35,6 +35,20 @@ def keep_autograph_out() -> None:
 keep_autograph_out()
 
 
+def run_time_call(fn: Any, size: int = 1) -> Any:
+    """A graph op that calls the Python function `fn()` (returning `size` int64s) each time
+    the graph runs; eagerly, it calls it now.
+
+    Used for what must happen per run, not per trace: byte counts and fresh random keys.
+    It creates no tf.Variable, so a tf.function may retrace (Python arguments, tf.cond).
+    """
+    if tf.executing_eagerly():
+        return tf.constant(np.asarray(fn(), np.int64))
+    out = tf.numpy_function(lambda: np.asarray(fn(), np.int64), [], tf.int64, stateful=True)
+    out.set_shape([size] if size > 1 else [])
+    return out
+
+
 @functools.lru_cache(maxsize=1)
 def _has_gpu() -> bool:
     return bool(tf.config.list_logical_devices("GPU"))
@@ -96,6 +110,10 @@ class TFBackend(Backend):
 
     def uniform(self, shape: Sequence[int], like: Any, state: tf.random.Generator):
         return state.uniform(list(shape), dtype=tf.float32)
+
+    def keyed_uniform(self, shape: Sequence[int], key: Any):
+        """U[0, 1) float32 draws from a run-time key tensor (two int64): inside graphs."""
+        return tf.random.stateless_uniform(list(shape), seed=key, dtype=tf.float32)
 
     def symbolic(self, x): return not tf.executing_eagerly()
 

@@ -1,5 +1,4 @@
 """TensorFlow frontend: the compressors, Horovod registration, and an allgather-capable tape."""
-from .. import registration
 from ..compressor import (
                           Compressor,
                           GlobalQSGDCompressor,
@@ -10,8 +9,6 @@ from ..compressor import (
 )
 from . import collectives  # noqa: F401  (imports the TF backend, which keeps AutoGraph out)
 from .tape import DistributedGradientTape
-
-registration.register("tensorflow")
 
 __all__ = ["Compressor", "DistributedGradientTape", "GlobalQSGDCompressor", "NUQCompressor",
            "QSGDCompressor", "QSGDInfCompressor", "TNQCompressor"]

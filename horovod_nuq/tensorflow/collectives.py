@@ -6,44 +6,30 @@ from typing import Any
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
-from ..backends import tensorflow as _tf_backend  # noqa: F401  (keeps AutoGraph out of horovod_nuq)
-from ..collectives import HorovodCollectives
+from .. import collectives
+from ..backends.tensorflow import run_time_call  # importing it also keeps AutoGraph out
 
 
-class GraphCounters:
-    """Byte counters that advance each time a traced graph runs, not once per trace."""
+class TFCollectives(collectives.HorovodCollectives):
+    """Graph-aware: the allgather is an op of the graph (its handle is its result), and byte
+    counts are taken when the graph runs. Horovod names graph ops after their graph nodes
+    (unique and stable), so no names are given here."""
 
-    def __init__(self) -> None:
-        with tf.init_scope():
-            self.vars = [tf.Variable(0, dtype=tf.int64, trainable=False) for _ in range(3)]
+    def allgather_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
+        return hvd.allgather(x, **collectives._ps(process_set))
 
-    def add(self, sent: int, numel: int) -> None:
-        for v, inc in zip(self.vars, (sent, 4 * numel, 1)):
-            v.assign_add(tf.constant(inc, tf.int64))
+    def wait(self, handle: Any) -> Any:
+        return handle
 
-    def read(self) -> tuple[int, int, int]:
-        return tuple(int(v.numpy()) for v in self.vars)
-
-    def reset(self) -> None:
-        for v in self.vars:
-            v.assign(0)
-
-
-class TFCollectives(HorovodCollectives):
-    """Graph-aware: generators and counters live outside traced graphs. Horovod names graph
-    ops after their (unique, stable) graph nodes, so no names are given here."""
-
-    def make_rng(self, xp: Any, seed: int, like: Any) -> Any:
-        with tf.init_scope():  # a generator made while tracing must live outside the graph
-            return tf.random.Generator.from_seed(seed)
+    def poll(self, handle: Any) -> bool:
+        return True
 
     def record(self, stats: Any, sent: int, numel: int) -> None:
         if tf.executing_eagerly():
             stats.record(sent, numel)
             return
-        if stats._graph_counters is None:
-            stats._graph_counters = GraphCounters()
-        stats._graph_counters.add(sent, numel)
+        run_time_call(lambda: stats.record(sent, numel) or 0)
 
 
 COLLECTIVES = TFCollectives(hvd, stable_names=False)
+collectives.register("tensorflow", COLLECTIVES)

@@ -12,6 +12,8 @@ from typing import Any
 import horovod.tensorflow as hvd
 import tensorflow as tf
 
+from .. import policy
+
 
 def _allgather_grads_fn(compression: Any, op: Any, process_set: Any):
     average = op == hvd.Average
@@ -40,16 +42,7 @@ def DistributedGradientTape(gradtape: tf.GradientTape, device_dense: str = "",
                             groups: Any = None, process_set: Any = hvd.global_process_set,
                             scale_local_gradients: bool = True) -> tf.GradientTape:
     """Horovod's DistributedGradientTape; also routes the allgather protocol (see module doc)."""
-    if hasattr(compression, "protocol") and process_set is not hvd.global_process_set:
-        if compression.process_set is None:
-            compression.process_set = process_set  # field widths follow the reducing ranks
-        elif compression.process_set is not process_set:
-            raise ValueError("the compressor and the tape name different process sets; give both the same")
-    gathers = (hasattr(compression, "protocol_for")
-               and compression.protocol_for(process_set.size()) == "allgather")
-    if gathers and op not in (hvd.Average, hvd.Sum):
-        raise ValueError("the allgather protocol averages or sums decoded gradients: use "
-                         "op=hvd.Average or op=hvd.Sum (Adasum is not supported)")
+    gathers = policy.route(compression, process_set, op, hvd.Average, hvd.Sum) == "allgather"
     tape = hvd.DistributedGradientTape(
         gradtape, device_dense=device_dense, device_sparse=device_sparse,
         compression=hvd.Compression.none if gathers else compression,

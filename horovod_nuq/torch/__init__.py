@@ -1,5 +1,4 @@
 """PyTorch frontend: the compressors, Horovod registration, and an allgather-capable optimizer."""
-from .. import registration
 from ..compressor import (
                           Compressor,
                           GlobalQSGDCompressor,
@@ -9,8 +8,6 @@ from ..compressor import (
                           TNQCompressor,
 )
 from .optimizer import DistributedOptimizer
-
-registration.register("torch")
 
 __all__ = ["Compressor", "DistributedOptimizer", "GlobalQSGDCompressor", "NUQCompressor",
            "QSGDCompressor", "QSGDInfCompressor", "TNQCompressor"]

@@ -1,6 +1,7 @@
 """The Horovod calls the compressors make on torch tensors."""
 import horovod.torch as hvd
 
-from ..collectives import HorovodCollectives
+from .. import collectives
 
-COLLECTIVES = HorovodCollectives(hvd, stable_names=True)
+COLLECTIVES = collectives.HorovodCollectives(hvd, stable_names=True)
+collectives.register("torch", COLLECTIVES)

@@ -19,19 +19,7 @@ import torch
 from horovod.torch.mpi_ops import allgather_async, allreduce_async_, grouped_allgather_async
 from horovod.torch.optimizer import _DistributedOptimizer
 
-
-def _share_process_set(compression: Any, process_set: Any) -> None:
-    if not hasattr(compression, "protocol") or process_set is hvd.global_process_set:
-        return
-    if compression.process_set is None:
-        compression.process_set = process_set
-    elif compression.process_set is not process_set:
-        raise ValueError("the compressor and the optimizer name different process sets; give both the same")
-
-
-def _gathers(compression: Any, process_set: Any) -> bool:
-    """Whether a horovod_nuq compressor routes through allgather over this process set."""
-    return hasattr(compression, "protocol_for") and compression.protocol_for(process_set.size()) == "allgather"
+from .. import policy
 
 
 def _allgather_grad_async(self, p: torch.Tensor):
@@ -109,21 +97,17 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
     A horovod_nuq compressor made without a process set is given this optimizer's, so its
     field widths and scale agreement follow the ranks that actually reduce.
     """
-    _share_process_set(compression, process_set)
+    protocol = policy.route(compression, process_set, op, hvd.Average, hvd.Sum)
     kwargs = {"named_parameters": named_parameters, "compression": compression,
               "backward_passes_per_step": backward_passes_per_step, "op": op,
               "gradient_predivide_factor": gradient_predivide_factor, "num_groups": num_groups,
               "groups": groups, "sparse_as_dense": sparse_as_dense, "process_set": process_set}
-    ours = hasattr(compression, "protocol_for")
-    gathers = _gathers(compression, process_set)
-    if not ours or (not gathers and (groups is not None or num_groups)):
+    gathers = protocol == "allgather"
+    if protocol is None or (not gathers and (groups is not None or num_groups)):
         opt = hvd.DistributedOptimizer(optimizer, **kwargs)
-        if ours:
+        if protocol is not None:
             type(opt).step = _step
         return opt
-    if gathers and op not in (hvd.Average, hvd.Sum):
-        raise ValueError("the allgather protocol averages or sums decoded gradients: use "
-                         "op=hvd.Average or op=hvd.Sum (Adasum is not supported)")
     if backward_passes_per_step <= 0:
         raise ValueError("backward_passes_per_step must be > 0")
     if gathers:

@@ -70,7 +70,7 @@ def test_integer_tensor_is_refused():
 def test_too_many_ranks_for_the_word_is_refused():
     comp = nuq.QSGDCompressor(bits=8)  # 255 values per field: fine for 2 ranks, not for 2^20
     with pytest.raises(ValueError, match="fewer bits"):
-        comp._layout(1 << 20)
+        comp.codec.layout(1 << 20)
 
 
 @pytest.mark.parametrize("protocol", ["allreduce", "allgather"])
@@ -85,7 +85,7 @@ def test_process_set_sizes_the_fields_and_reduces_over_its_ranks(protocol):
             g = torch.from_numpy(rank_gradient(RANK, 1000))
             if protocol == "allreduce":
                 out = hvd.allreduce(g, compression=comp, process_set=ps)
-                assert comp._layout(ps.size()).ranks == 2
+                assert comp.codec.layout(ps.size()).ranks == 2
             else:
                 payload, ctx = comp.compress_for_allgather(g)
                 out = comp.decompress_gathered(hvd.allgather(payload, process_set=ps), ctx)

@@ -16,6 +16,7 @@ from harness import (
 
 import horovod_nuq.torch as nuq
 from horovod_nuq import bounds
+from horovod_nuq.torch.collectives import COLLECTIVES
 
 hvd.init()
 N, RANK = hvd.size(), hvd.rank()
@@ -81,8 +82,7 @@ def test_unbiased_and_variance_across_ranks(cls, protocol):
 def test_negative_control_deterministic_rounding_is_caught():
     """Rounding to the nearest level (u = 0.5) is biased; the harness must say so."""
     comp = nuq.QSGDCompressor(seed=3, fused=False)
-    comp._draws = lambda xp, coll, like: types.SimpleNamespace(
-        uniform=lambda xp, v: torch.full(v.shape, 0.5))
+    comp.codec.draws = lambda coll: types.SimpleNamespace(uniform=lambda xp, v: torch.full(v.shape, 0.5))
     grads = [rank_gradient(r, D) for r in range(N)]
     true = np.mean(grads, axis=0, dtype=np.float64)
     var = exact_variance_of_average(grads, comp.scheme, shared=True)
@@ -266,10 +266,14 @@ OPTIMIZERS = {"stock": hvd.DistributedOptimizer,  # per-tensor scale agreement i
 def test_allreduce_protocol_agrees_once_per_step(cls):
     """horovod_nuq's optimizer agrees on all gradients' scales in one Max allreduce per step
     (Horovod's own makes one per gradient); training and agreement across ranks are unchanged."""
-    comp = cls(seed=1, protocol="allreduce")
     calls = []
-    agree = comp._agree_scale
-    comp._agree_scale = lambda *a: calls.append(1) or agree(*a)
+
+    class Counting(type(COLLECTIVES)):
+        def allreduce_max(self, x, process_set=None):
+            calls.append(1)
+            return super().allreduce_max(x, process_set)
+
+    comp = cls(seed=1, protocol="allreduce", collectives=Counting(hvd, stable_names=True))
     losses, flat = _train(lambda o, ps: nuq.DistributedOptimizer(o, named_parameters=ps, compression=comp))
     assert len(calls) == 25, len(calls)
     assert all_same(flat)

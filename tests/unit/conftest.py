@@ -16,19 +16,18 @@ for p in (str(_ROOT), str(_HERE)):
 import _helpers
 import pytest
 
-from horovod_nuq import compressor as _compressor_module
-from horovod_nuq import local as _local
+from horovod_nuq import collectives
 
 
 @pytest.fixture(autouse=True)
-def _single_process_collectives(monkeypatch):
-    """Route every Compressor (numpy, torch and tf tensors) through horovod_nuq.local.
-
-    Without this, torch/tf tensors would import horovod_nuq.{torch,tensorflow}.collectives,
-    which need an initialized Horovod.
-    """
-    monkeypatch.setattr(_compressor_module.Compressor, "_collectives",
-                        lambda self, xp: _local)
+def _single_process_collectives():
+    """Route every Compressor (numpy, torch and tf tensors) through the single-process
+    collectives; Horovod's would need an initialized Horovod."""
+    old = {fw: collectives.register(fw, collectives.LOCAL) for fw in ("torch", "tensorflow")}
+    yield
+    for fw, coll in old.items():
+        if coll is not None:
+            collectives.register(fw, coll)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -1,7 +1,6 @@
 """The Compressor end to end on one rank (numpy, torch and tf inputs; horovod_nuq.local)."""
 from __future__ import annotations
 
-import types
 import warnings
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 from _helpers import FRAMEWORKS, fw_dtype_name, to_fw, to_np, unbiasedness_check
 
 import horovod_nuq as H
-from horovod_nuq import codec, local, reference, wire
+from horovod_nuq import codec, collectives, reference, wire
 from horovod_nuq.backends import backend_for
 
 KINDS = {"qsgd": H.QSGDCompressor, "qsgdinf": H.QSGDInfCompressor, "nuqsgd": H.NUQCompressor,
@@ -121,7 +120,7 @@ def test_stats_and_payload_sizes(fw, name, protocol, numel):
     p, ctx, _ = roundtrip(c, x)
     xp = backend_for(p)
     nb = codec.n_buckets(numel, 512)
-    assert (ctx.numel, ctx.n_buckets) == (numel, nb)
+    assert (ctx.tensor.numel, ctx.tensor.n_buckets) == (numel, nb)
     assert c.stats.total_bytes == c.payload_bytes(numel)
     assert c.stats.total_float32_bytes == 4 * numel and c.stats.tensors == 1
     if protocol == "allgather":
@@ -166,11 +165,23 @@ def test_repeated_compression_is_unbiased_end_to_end(name, protocol):
 
 
 # ---- simulated ranks: Sum / Average semantics through the Compressor -------------------------
-def _fake_collectives(rank, ranks, agreed):
-    return types.SimpleNamespace(rank=lambda: rank, size=lambda ps=None: ranks,
-                                 allreduce_max=lambda x, ps=None: agreed,
-                                 gather_text=lambda t, ps=None: [t, "QSGDCompressor(other)"],
-                                 make_rng=local.make_rng, record=local.record)
+class _FakeCollectives(collectives.LocalCollectives):
+    """Rank `rank` of `ranks`, whose Max allreduce returns `agreed`."""
+
+    def __init__(self, rank, ranks, agreed):
+        self._rank, self._ranks, self._agreed = rank, ranks, agreed
+
+    def rank(self):
+        return self._rank
+
+    def size(self, process_set=None):
+        return self._ranks
+
+    def allreduce_max(self, x, process_set=None):
+        return self._agreed
+
+    def gather_text(self, text, process_set=None):
+        return [text, "QSGDCompressor(other)"]
 
 
 def _decode_fields(payload, layout, count):
@@ -193,18 +204,18 @@ def test_simulated_ranks_allreduce(monkeypatch, name, ranks):
     probe = cls(bits=4, bucket_size=B, seed=1)
     xp = backend_for(xs[0])
     local_r = [codec.local_scale(xp, codec.to_buckets(xp, x, B), probe.scheme, n) for x in xs]
-    cid = np.array([probe._config_id, -probe._config_id], np.float32)
+    cid = np.array([probe.codec.settings_id(None), -probe.codec.settings_id(None)], np.float32)
     agreed = np.concatenate([np.max(local_r, axis=0), cid]).astype(np.float32)
     payloads, ctxs, comps = [], [], []
     for i, x in enumerate(xs):
-        c = cls(bits=4, bucket_size=B, seed=1)
-        monkeypatch.setattr(c, "_collectives", lambda xp, i=i: _fake_collectives(i, ranks, agreed))
+        c = cls(bits=4, bucket_size=B, seed=1, protocol="allreduce",
+                collectives=_FakeCollectives(i, ranks, agreed))
         p, ctx = c.compress(x)
         payloads.append(p)
         ctxs.append(ctx)
         comps.append(c)
     np.testing.assert_array_equal(ctxs[0].scale, agreed[:-2])
-    layout = comps[0]._layout(ranks)
+    layout = comps[0].codec.layout(ranks)
     nb = codec.n_buckets(n, B)
     fields = [_decode_fields(p, layout, nb * B) for p in payloads]
     for f in fields:
@@ -229,10 +240,10 @@ def test_simulated_ranks_allreduce(monkeypatch, name, ranks):
 
 
 def test_simulated_config_mismatch_is_detected(monkeypatch):
-    c = H.QSGDCompressor(bits=4, bucket_size=64, seed=0)
-    x = np.ones(100, np.float32)
     agreed = np.array([1.0, 1.0, 5.0, -3.0], np.float32)  # ranks disagree on the config id
-    monkeypatch.setattr(c, "_collectives", lambda xp: _fake_collectives(0, 2, agreed))
+    c = H.QSGDCompressor(bits=4, bucket_size=64, seed=0, protocol="allreduce",
+                         collectives=_FakeCollectives(0, 2, agreed))
+    x = np.ones(100, np.float32)
     with pytest.raises(ValueError, match=r"different compressor settings \(rank 0: QSGDCompressor\(qsgd"
                                          r"\(bits=4.*rank 1: QSGDCompressor\(other\)"):
         c.compress(x)
@@ -299,7 +310,7 @@ def _straddling_position(per_word, B, n, right_after_first=False):
 @pytest.mark.parametrize("name", ["qsgd", "qsgdinf", "globalqsgd"])
 def test_nan_at_word_straddling_bucket_boundary_allreduce(fw, name):
     c = KINDS[name](bits=4, bucket_size=512)
-    per = c._layout(1).per_word  # 11 four-bit fields per word
+    per = c.codec.layout(1).per_word  # 11 four-bit fields per word
     pos = _straddling_position(per, 512, 2048, right_after_first=True)
     assert pos == 1023  # word 93 holds coordinates 1023 (bucket 1) and 1024..1033 (bucket 2)
     y_bad, y_ref = _nan_case(fw, name, "allreduce", np.nan, pos)
@@ -315,7 +326,7 @@ def test_nan_at_word_straddling_bucket_boundary_allreduce(fw, name):
                                            ("qsgd", "allgather")])
 def test_nan_at_word_straddling_bucket_boundary_ok(fw, name, protocol):
     c = KINDS[name](bits=4, bucket_size=512)
-    per = c._layout(1).per_word
+    per = c.codec.layout(1).per_word
     pos = _straddling_position(per, 512, 2048)
     y_bad, y_ref = _nan_case(fw, name, protocol, np.nan, pos)
     b = pos // 512

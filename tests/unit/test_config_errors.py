@@ -1,12 +1,14 @@
 """Bad configurations fail early with a clear ValueError/TypeError."""
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 from _helpers import to_fw
 
 import horovod_nuq as H
-from horovod_nuq import schemes, wire
+from horovod_nuq import collectives, schemes, wire
 from horovod_nuq.backends import backend_for
 
 NAMES = ("qsgd", "qsgdinf", "nuqsgd", "tnqsgd", "globalqsgd")
@@ -112,10 +114,33 @@ def test_global_qsgd_refuses_allgather():
         H.GlobalQSGDCompressor(bits=4, protocol="allgather")
 
 
-def test_compress_with_allgather_protocol_raises():
-    c = H.QSGDCompressor(bits=4, protocol="allgather")
-    with pytest.raises(RuntimeError, match="allgather"):
-        c.compress(np.ones(8, np.float32))
+def allreduce(tensor, op):  # stands for a Horovod function that calls compress
+    return comp.compress(tensor)  # noqa: F821  (`comp` is in the globals given below)
+
+
+def reducescatter(tensor, op):
+    return comp.compress(tensor)  # noqa: F821
+
+
+def _as_horovod(fn, comp):
+    """fn with module name horovod.* (what horovod_calls looks for) and `comp` in its globals."""
+    return types.FunctionType(fn.__code__, {"__name__": "horovod.fake", "comp": comp})
+
+
+def test_compress_refuses_ops_it_cannot_decode():
+    """Called from Horovod with op Adasum (or Min, Max, Product), compress raises before any
+    collective starts, naming the ops it decodes; reducescatter is refused too."""
+
+    class FakeCollectives(collectives.LocalCollectives):
+        linear_ops = (0, 1)  # Average, Sum
+
+    comp = H.QSGDCompressor(bits=4, protocol="allgather", collectives=FakeCollectives())
+    with pytest.raises(ValueError, match="Average or Sum"):
+        _as_horovod(allreduce, comp)(np.ones(8, np.float32), op=2)
+    payload, _ = _as_horovod(allreduce, comp)(np.ones(8, np.float32), op=1)
+    assert payload.shape == (3,)  # the sentinel; the packed codes travel by allgather
+    with pytest.raises(ValueError, match="reducescatter"):
+        _as_horovod(reducescatter, comp)(np.ones(8, np.float32), op=1)
 
 
 @pytest.mark.parametrize("fw", ["numpy", "torch", "tensorflow"])

@@ -41,7 +41,7 @@ def test_random_summable_payloads():
     x = np.random.default_rng(0).standard_normal(300).astype(np.float32)
     good, ctx = comp.compress(x)
     rng = np.random.default_rng(2)
-    layout = comp._layout(1)
+    layout = comp.codec.layout(1)
     for _ in range(100):
         bad = good * rng.uniform(0.3, 3.0) + rng.standard_normal(good.size) * 0.4
         with pytest.raises(ValueError, match="summable payload"):
@@ -51,4 +51,4 @@ def test_random_summable_payloads():
     neg = good.copy()
     neg[-1] = -1.0
     with pytest.raises(ValueError, match="sentinel"):
-        wire.unpack_sums(backend_for(neg), neg, layout, ctx.n_buckets * 64)
+        wire.unpack_sums(backend_for(neg), neg, layout, ctx.tensor.n_buckets * 64)
