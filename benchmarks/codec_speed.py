@@ -14,7 +14,7 @@ import threading
 import time
 
 import horovod_nuq as H
-from horovod_nuq import local
+from horovod_nuq.collectives import LOCAL
 
 SCHEMES = {"qsgd": H.QSGDCompressor, "qsgdinf": H.QSGDInfCompressor, "nuq": H.NUQCompressor,
            "tnq": H.TNQCompressor, "globalqsgd": H.GlobalQSGDCompressor}
@@ -48,7 +48,7 @@ def rss_probe(framework: str, name: str, protocol: str, mb: int) -> None:
     make, _, _ = frame(framework)
     x = make(mb * (1 << 20) // 4)
     comp = SCHEMES[name](seed=0, protocol=protocol)
-    comp._collectives = lambda xp: local
+    comp.collectives = LOCAL
     enc, dec = ((comp.compress, comp.decompress) if protocol == "allreduce"
                 else (comp.compress_for_allgather, comp.decompress_gathered))
     dec(*enc(make(4096)))  # warm the code paths before the baseline
@@ -100,7 +100,7 @@ def main() -> None:
                 if protocol == "allgather" and name == "globalqsgd":
                     continue
                 comp = SCHEMES[name](seed=0, protocol=protocol)
-                comp._collectives = lambda xp: local
+                comp.collectives = LOCAL
                 if protocol == "allreduce":
                     enc, dec = comp.compress, comp.decompress
                 else:

@@ -9,11 +9,13 @@ once per (rate, ranks):
 Every rank trains the same synthetic step (an MLP 3072 -> 2048 -> 2048 -> 10 on a batch of
 random 3x32x32 "images") through horovod_nuq.torch.DistributedOptimizer for each configuration:
 none (float32), fp16 (hvd.Compression.fp16), the default NUQCompressor() (protocol "auto": the
-optimizer routes whichever protocol moves fewer bytes at this N), nuq/qsgd through Horovod's own
-hvd.DistributedOptimizer ("stock": protocol allreduce with one scale agreement per tensor),
+optimizer routes whichever protocol moves fewer bytes at this N), the default NUQCompressor() and
+QSGDCompressor() through Horovod's own hvd.DistributedOptimizer ("stock": auto, which at small N
+gathers the packed codes beside a sentinel; "stock-allreduce": summable words, the scale
+agreement started in the backward hook and the words sent from decompress),
 qsgd/qsgdinf/nuq/tnq/globalqsgd with protocol "allreduce" (horovod_nuq's optimizer: one scale
 agreement per step) and qsgd/qsgdinf/nuq/tnq with protocol "allgather", all other settings at
-their defaults. Configs other than "stock" run through horovod_nuq.torch.DistributedOptimizer.
+their defaults. Configs other than "stock*" run through horovod_nuq.torch.DistributedOptimizer.
 Rank 0 prints one table (and appends it to benchmarks/results/slow_link.md and one JSON line per
 configuration to benchmarks/results/slow_link.jsonl). `--summarize FILE.jsonl` prints, from those
 lines, which protocol wins per scheme as N and the rate change, and the headline ratios.
@@ -37,7 +39,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIGS = ["none", "fp16", "nuq/auto", "nuq/stock", "qsgd/stock", "qsgd/allreduce", "qsgdinf/allreduce", "nuq/allreduce", "tnq/allreduce",
+CONFIGS = ["none", "fp16", "nuq/auto", "nuq/stock", "qsgd/stock", "nuq/stock-allreduce",
+           "qsgd/stock-allreduce", "qsgd/allreduce", "qsgdinf/allreduce", "nuq/allreduce", "tnq/allreduce",
            "globalqsgd/allreduce", "qsgd/allgather", "qsgdinf/allgather", "nuq/allgather",
            "tnq/allgather"]
 
@@ -93,16 +96,16 @@ def make_compression(name: str, hvd, nuq, clock: Clock, bits, engine: str):
     scheme, protocol = name.split("/")
     cls = {"qsgd": nuq.QSGDCompressor, "qsgdinf": nuq.QSGDInfCompressor, "nuq": nuq.NUQCompressor,
            "tnq": nuq.TNQCompressor, "globalqsgd": nuq.GlobalQSGDCompressor}[scheme]
-    comp = cls(bits=bits, protocol="allreduce" if protocol == "stock" else protocol,
-               **({"fused": False} if engine == "generic" else {}))
+    chosen = {"stock": "auto", "stock-allreduce": "allreduce"}.get(protocol, protocol)
+    comp = cls(bits=bits, protocol=chosen, **({"fused": False} if engine == "generic" else {}))
     if protocol == "stock":
-        protocol = "allreduce, stock hvd optimizer"
-    if protocol == "auto":
+        protocol = f"stock hvd optimizer, auto: {comp.protocol_for(hvd.size())}"
+    elif protocol == "stock-allreduce":
+        protocol = "stock hvd optimizer, allreduce"
+    elif protocol == "auto":
         protocol = f"auto: {comp.protocol_for(hvd.size())}"
     for meth in ("compress", "decompress", "compress_for_allgather", "agree_scales"):
         setattr(comp, meth, clock.wrap(getattr(comp, meth), "codec"))
-    if hasattr(comp, "_agree_scale"):  # the per-bucket scale agreement (a blocking Max allreduce)
-        comp._agree_scale = clock.wrap(comp._agree_scale, "agree")
     return comp, scheme, protocol
 
 
@@ -166,7 +169,7 @@ def run_config(name: str, torch, hvd, nuq, args, clock: Clock) -> dict:
     model = build_model(torch, args.hidden)
     numel = sum(p.numel() for p in model.parameters())
     tag = name.replace("/", "_")
-    stock = name.endswith("/stock")
+    stock = "/stock" in name
     factory = hvd.DistributedOptimizer if stock else nuq.DistributedOptimizer
     opt = factory(torch.optim.SGD(model.parameters(), lr=0.01),
                   named_parameters=[(f"{tag}.{n}", p) for n, p in model.named_parameters()],

@@ -7,6 +7,7 @@ the TensorFlow frontend adds only what graphs need. `LOCAL` is the single-proces
 from __future__ import annotations
 
 import importlib
+from collections import defaultdict
 from typing import Any
 
 _FRONTENDS = {"torch": "horovod_nuq.torch.collectives",
@@ -18,6 +19,9 @@ class LocalCollectives:
     """One rank, no communication: every collective returns its input."""
 
     linear_ops: tuple = ()  # the reduction ops a compressor can decode (Horovod's Average, Sum)
+
+    def __init__(self) -> None:
+        self.in_flight: dict[tuple, set] = defaultdict(set)  # named slots in flight (transports)
 
     def rank(self) -> int:
         return 0
@@ -34,10 +38,10 @@ class LocalCollectives:
     def allgather_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
         return x
 
-    def allreduce_sum_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
+    def allreduce_max_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
         return x
 
-    def allreduce_max_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
+    def allreduce_average_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
         return x
 
     def wait(self, handle: Any) -> Any:
@@ -60,6 +64,7 @@ class HorovodCollectives(LocalCollectives):
     """Horovod's rank, size, Max allreduce, asynchronous allgather and error-message gathering."""
 
     def __init__(self, hvd: Any, stable_names: bool) -> None:
+        super().__init__()
         self.hvd = hvd
         self.stable_names = stable_names
         self.linear_ops = (hvd.Average, hvd.Sum)
@@ -84,11 +89,11 @@ class HorovodCollectives(LocalCollectives):
     def allgather_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
         return self.hvd.allgather_async(x, name=name, **_ps(process_set))
 
-    def allreduce_sum_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
-        return self.hvd.allreduce_async(x, name=name, op=self.hvd.Sum, **_ps(process_set))
-
     def allreduce_max_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
         return self.hvd.allreduce_async(x, name=name, op=self.hvd.Max, **_ps(process_set))
+
+    def allreduce_average_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
+        return self.hvd.allreduce_async(x, name=name, op=self.hvd.Average, **_ps(process_set))
 
     def wait(self, handle: Any) -> Any:
         return self.hvd.synchronize(handle)

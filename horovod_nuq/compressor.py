@@ -59,7 +59,7 @@ class Compressor:
         self.collectives = collectives
         self.stats = WireStats()
         self._summable, self._gathered = transports.Summable(), transports.Gathered()
-        self._sentinel_gather = transports.SentinelGather()
+        self._sentinel_gather, self._deferred = transports.SentinelGather(), transports.DeferredSummable()
         if protocol == "allreduce":
             self.codec.layout(1)  # refuse now what cannot be packed even for one rank (auto: at use)
 
@@ -84,8 +84,10 @@ class Compressor:
 
         Over the process set Horovod's caller names, the protocol `protocol_for` picks:
         "allgather" starts an allgather of this rank's packed codes and returns a 3-word
-        sentinel; "allreduce" agrees on scales with the other ranks (or takes `scale`, this
-        tensor's entry of `agree_scales`) and returns summable words.
+        sentinel; "allreduce" returns summable words on scales agreed with the other ranks
+        (or on `scale`, this tensor's entry of `agree_scales`), except in eager torch, where
+        it starts the agreement, returns the sentinel and sends the words from decompress,
+        so that no backward hook waits for a round trip.
         """
         site = horovod_call_site()
         xp = self.codec.frontend(tensor)
@@ -97,6 +99,8 @@ class Compressor:
         process_set = self._process_set(site.process_set)
         if scale is None and self.protocol_for(coll.size(process_set)) == "allgather":
             return self._sentinel_gather.compress(self.codec, coll, self.stats, tensor, process_set)
+        if scale is None and getattr(coll, "stable_names", False):  # eager: do not block
+            return self._deferred.compress(self.codec, coll, self.stats, tensor, process_set)
         return self._summable.compress(self.codec, coll, self.stats, tensor, process_set,
                                        repr(self), scale)
 
@@ -108,6 +112,9 @@ class Compressor:
         if isinstance(ctx, transports.InFlightContext):
             coll = self._coll(backend_for(payload))
             return self._sentinel_gather.decompress(self.codec, coll, payload, ctx)
+        if isinstance(ctx, transports.DeferredContext):
+            coll = self._coll(backend_for(payload))
+            return self._deferred.decompress(self.codec, coll, payload, ctx)
         if isinstance(ctx, transports.GatheredContext):  # routed by horovod_nuq's optimizer/tape
             return self._gathered.decompress(self.codec, payload, ctx)
         return self._summable.decompress(self.codec, payload, ctx)

@@ -8,11 +8,14 @@
   allreduce): `compress` starts the allgather of the packed codes itself and hands Horovod a
   3-word sentinel instead; Horovod reduces it with whatever op and scale factors it uses, and
   `decompress` waits for the gather and scales the decoded sum by what the sentinel reads.
+- `DeferredSummable` (protocol "allreduce" under Horovod's own optimizers, eager): `compress`
+  starts the scale agreement without waiting and hands Horovod the sentinel; `decompress`
+  submits the summable words of every tensor whose scales have arrived, then waits for its own.
+  No backward hook blocks on a round trip. (Inside graphs, `Summable` does not block either.)
 Transports take the codec, the collectives and the byte counters explicitly.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +41,22 @@ class GatheredContext:
 
     tensor: Context
     average: bool = True
+
+
+@dataclass
+class DeferredContext:
+    """A tensor whose summable words wait for its scale agreement (started in compress)."""
+
+    tensor: Context
+    engine: Any
+    work: Any
+    scale_handle: Any
+    tag: int
+    name: str
+    layout: wire.SumLayout
+    process_set: Any
+    words_handle: Any = None
+    scale: Any = None
 
 
 @dataclass(frozen=True)
@@ -112,9 +131,27 @@ class Gathered:
         return codec.decode_codes(gathered, ctx.tensor, None if ctx.average else 1.0)
 
 
-# gather slots in flight per tensor size, shared by every compressor of this process, so
-# that names stay unique among operations in flight
-_IN_FLIGHT: dict[int, set] = defaultdict(set)
+def _take_slot(coll: Any, kind: str, numel: int) -> int:
+    """The lowest slot of this kind and size not in flight on these collectives (one object
+    per framework and process, shared by every compressor), see SentinelGather."""
+    slots = coll.in_flight[kind, numel]
+    slot = next(i for i in range(len(slots) + 1) if i not in slots)
+    slots.add(slot)
+    return slot
+
+
+def _release_slot(coll: Any, kind: str, numel: int, slot: int) -> None:
+    coll.in_flight[kind, numel].discard(slot)
+
+
+def _scaled(codec: TensorCodec, xp: Any, decode: Any, reduced: Any, tag: int, ctx: Context,
+            ranks: Any) -> Any:
+    """decode(factor) scaled by the reduction the sentinel reports: decode(c*n / ranks) where
+    the factor can be read on the host, else decode(1 / ranks) times the sentinel's c*n."""
+    scale = wire.read_sentinel(xp, xp.cast(reduced, "float64"), tag, f"a tensor of {ctx.numel} elements")
+    if xp.symbolic(scale) or not xp.on_host(scale):  # no host read: scale the average
+        return decode(None) * xp.cast(scale, ctx.dtype)
+    return decode(float(xp.to_numpy(scale).reshape(-1)[0]) / ranks())
 
 
 class SentinelGather:
@@ -136,14 +173,12 @@ class SentinelGather:
         xp = backend_for(payload)
         tag, name = 0, None
         if getattr(coll, "stable_names", False):
-            slots = _IN_FLIGHT[ctx.numel]
-            tag = next(i for i in range(len(slots) + 1) if i not in slots)
-            slots.add(tag)
+            tag = _take_slot(coll, "g", ctx.numel)
             name = f"horovod_nuq.g.{ctx.numel}.{tag}"
         try:
             handle = coll.allgather_async(payload, name, process_set)
         except Exception:
-            self._release(ctx.numel, tag, name)
+            self._release(coll, ctx.numel, tag, name)
             raise
         coll.record(stats, xp.numel(payload) + 8 * wire.SENTINEL_WORDS, ctx.numel)
         return xp.constant(wire.sentinel(tag), payload), InFlightContext(ctx, handle, tag, name)
@@ -152,16 +187,75 @@ class SentinelGather:
         try:
             gathered = coll.wait(ctx.handle)
         finally:
-            self._release(ctx.tensor.numel, ctx.tag, ctx.name)
-        xp = backend_for(reduced)
-        what = f"a tensor of {ctx.tensor.numel} elements"
-        scale = wire.read_sentinel(xp, xp.cast(reduced, "float64"), ctx.tag, what)  # c * n
-        ranks = codec.ranks_in(gathered, ctx.tensor)
-        if xp.symbolic(scale) or not xp.on_host(scale):  # no host read: scale the average
-            return codec.decode_codes(gathered, ctx.tensor) * xp.cast(scale, ctx.tensor.dtype)
-        c_n = float(xp.to_numpy(scale).reshape(-1)[0])
-        return codec.decode_codes(gathered, ctx.tensor, c_n / ranks)
+            self._release(coll, ctx.tensor.numel, ctx.tag, ctx.name)
+        return _scaled(codec, backend_for(reduced), lambda f: codec.decode_codes(gathered, ctx.tensor, f),
+                       reduced, ctx.tag, ctx.tensor, lambda: codec.ranks_in(gathered, ctx.tensor))
 
-    def _release(self, numel: int, tag: int, name: str | None) -> None:
+    def _release(self, coll: Any, numel: int, tag: int, name: str | None) -> None:
         if name is not None:
-            _IN_FLIGHT[numel].discard(tag)
+            _release_slot(coll, "g", numel, tag)
+
+
+class DeferredSummable:
+    """Protocol "allreduce" through Horovod's allreduce, eager (see module doc). Names:
+    `horovod_nuq.s.<size>.<slot>` for the agreement, `horovod_nuq.w.<size>.<slot>` for the
+    words; the sentinel carries the slot, as in SentinelGather."""
+
+    protocol = "allreduce"
+
+    def __init__(self) -> None:
+        self._waiting: list[DeferredContext] = []  # agreements started, words not yet submitted
+
+    def compress(self, codec: TensorCodec, coll: Any, stats: Any, tensor: Any,
+                 process_set: Any) -> tuple[Any, DeferredContext]:
+        xp, engine, ctx, work, r = codec.local_scales(tensor)
+        layout = codec.layout(coll.size(process_set))
+        tag = _take_slot(coll, "s", ctx.numel)
+        cid = codec.settings_id(None)
+        ids = xp.constant(np.array([cid, -cid], np.float32), r)
+        try:
+            handle = coll.allreduce_max_async(xp.concat([r, ids]), f"horovod_nuq.s.{ctx.numel}.{tag}",
+                                              process_set)
+        except Exception:
+            _release_slot(coll, "s", ctx.numel, tag)
+            raise
+        entry = DeferredContext(ctx, engine, work, handle, tag, f"horovod_nuq.w.{ctx.numel}.{tag}",
+                                layout, process_set)
+        self._waiting.append(entry)
+        words = layout.payload_bytes(ctx.n_buckets * codec.scheme.bucket_size)
+        coll.record(stats, words + 4 * (ctx.n_buckets + 2) + 8 * wire.SENTINEL_WORDS, ctx.numel)
+        return xp.constant(wire.sentinel(tag), r), entry
+
+    def decompress(self, codec: TensorCodec, coll: Any, reduced: Any, ctx: DeferredContext) -> Any:
+        try:
+            for entry in list(self._waiting):  # every tensor whose scales have arrived, in order
+                if entry is ctx or coll.poll(entry.scale_handle):
+                    self._submit(codec, coll, entry)
+            words = coll.wait(ctx.words_handle)
+        finally:
+            _release_slot(coll, "s", ctx.tensor.numel, ctx.tag)
+        return _scaled(codec, backend_for(reduced),
+                       lambda f: _times(codec.decode_sums(words, ctx.scale, ctx.layout, ctx.tensor), f,
+                                        ctx.layout.ranks),
+                       reduced, ctx.tag, ctx.tensor, lambda: ctx.layout.ranks)
+
+    def _submit(self, codec: TensorCodec, coll: Any, entry: DeferredContext) -> None:
+        """Wait for the entry's agreed scales, encode its words and start their allreduce."""
+        self._waiting.remove(entry)
+        agreed = coll.wait(entry.scale_handle)
+        xp = backend_for(agreed)
+        nb = entry.tensor.n_buckets
+        r, ids = xp.split(agreed, [nb, 2])
+        if not bool(xp.max_all(xp.abs(xp.row_sum(xp.reshape(ids, [1, 2])))) == 0):
+            raise ValueError(f"ranks use different compressor settings; this rank uses "
+                             f"{codec.scheme.describe()} for a tensor of {entry.tensor.numel} "
+                             "elements. Give every rank the same compressor.")
+        entry.scale = r
+        payload = codec.encode_sums(entry.engine, entry.work, r, entry.layout, coll)
+        entry.words_handle = coll.allreduce_average_async(payload, entry.name, entry.process_set)
+        entry.work = None  # the encoded words replace it
+
+
+def _times(out: Any, factor: float | None, ranks: int) -> Any:
+    """The decoded average `out` as factor * sum (factor None: leave the average)."""
+    return out if factor is None or factor * ranks == 1 else out * (factor * ranks)

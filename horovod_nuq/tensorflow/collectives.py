@@ -16,7 +16,9 @@ class TFCollectives(collectives.HorovodCollectives):
     (unique and stable), so no names are given here."""
 
     def allgather_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
-        return hvd.allgather(x, **collectives._ps(process_set))
+        """Every rank's 1-d `x` (all of one length), with the static shape decoding needs."""
+        out = hvd.allgather(x, **collectives._ps(process_set))
+        return tf.reshape(out, [self.size(process_set) * int(x.shape[0])])
 
     def wait(self, handle: Any) -> Any:
         return handle
