@@ -21,7 +21,7 @@ class LocalCollectives:
     linear_ops: tuple = ()  # the reduction ops a compressor can decode (Horovod's Average, Sum)
 
     def __init__(self) -> None:
-        self.in_flight: dict[tuple, set] = defaultdict(set)  # named slots in flight (transports)
+        self.in_flight: dict[tuple, dict] = defaultdict(dict)  # named slots in flight -> handle
 
     def rank(self) -> int:
         return 0
@@ -48,6 +48,10 @@ class LocalCollectives:
         return handle
 
     def poll(self, handle: Any) -> bool:
+        return True
+
+    def alive(self, handle: Any) -> bool:
+        """False for a handle of an earlier Horovod session (elastic reset), which never completes."""
         return True
 
     def make_rng(self, xp: Any, seed: int, like: Any) -> Any:
@@ -100,6 +104,12 @@ class HorovodCollectives(LocalCollectives):
 
     def poll(self, handle: Any) -> bool:
         return self.hvd.poll(handle)
+
+    def alive(self, handle: Any) -> bool:
+        """Horovod's init() (an elastic reset) forgets every handle: torch keeps them in
+        mpi_ops._handle_map until synchronize()."""
+        handles = getattr(getattr(self.hvd, "mpi_ops", None), "_handle_map", None)
+        return handles is None or handle in handles
 
 
 def register(framework: str, collectives: Any) -> Any:

@@ -133,15 +133,22 @@ class Gathered:
 
 def _take_slot(coll: Any, kind: str, numel: int) -> int:
     """The lowest slot of this kind and size not in flight on these collectives (one object
-    per framework and process, shared by every compressor), see SentinelGather."""
+    per framework and process, shared by every compressor), see SentinelGather. Slots whose
+    operation belongs to an earlier Horovod session (an elastic reset abandoned it) are free."""
     slots = coll.in_flight[kind, numel]
+    for stale in [s for s, h in slots.items() if h is not None and not coll.alive(h)]:
+        del slots[stale]
     slot = next(i for i in range(len(slots) + 1) if i not in slots)
-    slots.add(slot)
+    slots[slot] = None  # reserved; the handle is recorded once the operation starts
     return slot
 
 
+def _hold_slot(coll: Any, kind: str, numel: int, slot: int, handle: Any) -> None:
+    coll.in_flight[kind, numel][slot] = handle
+
+
 def _release_slot(coll: Any, kind: str, numel: int, slot: int) -> None:
-    coll.in_flight[kind, numel].discard(slot)
+    coll.in_flight[kind, numel].pop(slot, None)
 
 
 def _scaled(codec: TensorCodec, xp: Any, decode: Any, reduced: Any, tag: int, ctx: Context,
@@ -180,6 +187,8 @@ class SentinelGather:
         except Exception:
             self._release(coll, ctx.numel, tag, name)
             raise
+        if name is not None:
+            _hold_slot(coll, "g", ctx.numel, tag, handle)
         coll.record(stats, xp.numel(payload) + 8 * wire.SENTINEL_WORDS, ctx.numel)
         return xp.constant(wire.sentinel(tag), payload), InFlightContext(ctx, handle, tag, name)
 
@@ -219,6 +228,8 @@ class DeferredSummable:
         except Exception:
             _release_slot(coll, "s", ctx.numel, tag)
             raise
+        _hold_slot(coll, "s", ctx.numel, tag, handle)
+        self._waiting = [e for e in self._waiting if coll.alive(e.scale_handle)]  # elastic resets
         entry = DeferredContext(ctx, engine, work, handle, tag, f"horovod_nuq.w.{ctx.numel}.{tag}",
                                 layout, process_set)
         self._waiting.append(entry)

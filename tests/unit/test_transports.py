@@ -120,3 +120,15 @@ def test_registration_in_either_import_order(fw, order):
                   "horovod_nuq.COMPRESSORS[n])]\n"
                   "print(type(a).__name__, a is not b, a.stats is not b.stats, len(names))")
     assert out.split() == ["NUQCompressor", "True", "True", "5"]
+
+
+def test_slots_of_an_abandoned_session_are_freed():
+    """An elastic reset (Horovod's init() again) abandons operations in flight; their slots
+    must not shift the names of the next session's gathers."""
+    world = {}
+    comp = _ranks(H.NUQCompressor, 1, world)[0]
+    live = {"ok": True}
+    comp.collectives.alive = lambda handle: live["ok"]
+    comp.compress(np.ones(10, np.float32))  # never decompressed: the session dies
+    live["ok"] = False
+    assert comp.compress(np.ones(10, np.float32))[1].name == "horovod_nuq.g.10.0"
