@@ -44,10 +44,12 @@ def build_parser(description: str, *, epochs: int = 15, batch_size: int = 32,
     g.add_argument("--bucket-size", type=int, default=None,
                    help="coordinates sharing one scale (quantizers only; default: 512)")
     g.add_argument("--protocol", choices=PROTOCOLS, default="auto",
-                   help="allreduce: summable words through Horovod's stock optimizer/tape; "
-                        "allgather: per-rank bit-packed codes (horovod_nuq's optimizer/tape); "
-                        "auto: horovod_nuq's optimizer/tape, with whichever moves fewer bytes at "
-                        "this many ranks (allreduce in the Keras example)")
+                   help="allgather: per-rank bit-packed codes; allreduce: summable words on "
+                        "agreed scales; auto: whichever moves fewer bytes at this many ranks")
+    g.add_argument("--optimizer", choices=("horovod", "horovod_nuq"), default="horovod",
+                   help="horovod: Horovod's own DistributedOptimizer/tape with the compressor "
+                        "line only; horovod_nuq: horovod_nuq's drop-in with the same signature "
+                        "(no sentinel per tensor; one scale agreement per step)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=epochs)
     t.add_argument("--batch-size", type=int, default=batch_size, help="per-rank batch size")
@@ -75,21 +77,18 @@ def say(msg: str) -> None:
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None, *,
-               allgather_ok: bool = True) -> argparse.Namespace:
+               drop_in: bool = True) -> argparse.Namespace:
     args = parser.parse_args(argv)
-    args.allgather_ok = allgather_ok
+    if args.optimizer == "horovod_nuq" and not drop_in:
+        parser.error("--optimizer horovod_nuq: this example has no horovod_nuq drop-in (Horovod's "
+                     "tf_keras DistributedOptimizer carries every protocol); leave --optimizer out")
     quantized = args.compression in SCHEMES
     if not quantized and (args.bits is not None or args.bucket_size is not None):
         parser.error(f"--bits/--bucket-size configure a quantizer; --compression {args.compression} "
                      "takes neither")
-    if args.protocol == "allgather":
-        if not allgather_ok:
-            parser.error("--protocol allgather is not supported by this example: Horovod's Keras "
-                         "DistributedOptimizer can only route an allreduce. Use --protocol allreduce, "
-                         "or the PyTorch / TensorFlow examples for allgather.")
-        if not quantized:
-            parser.error(f"--protocol allgather applies to the quantizers only; --compression "
-                         f"{args.compression} is Horovod's own and always uses allreduce")
+    if args.protocol == "allgather" and not quantized:
+        parser.error(f"--protocol allgather applies to the quantizers only; --compression "
+                     f"{args.compression} is Horovod's own and always uses allreduce")
     for name in ("epochs", "batch_size", "num_iters", "num_batches_per_iter", "synthetic_batch_size"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0")
@@ -161,7 +160,7 @@ def make_compression(args: argparse.Namespace, hvd: Any) -> Any:
     except ValueError as e:  # e.g. globalqsgd + allgather, or an unsupported bits value
         sys.exit(f"error: --compression {args.compression}: {e}")
     # the protocol actually used (auto resolves by the number of ranks), for routing and the logs
-    args.protocol = comp.protocol_for(hvd.size()) if args.allgather_ok else "allreduce"
+    args.protocol = comp.protocol_for(hvd.size())
     return comp
 
 

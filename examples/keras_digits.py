@@ -5,8 +5,8 @@
     mpirun -np 2 python examples/keras_digits.py --compression nuq --synthetic   # img/sec
 
 Uses tf_keras (Keras 2; Horovod's Keras integration does not support Keras 3) with
-horovod.tensorflow.keras.DistributedOptimizer(compression=...) and Horovod's callbacks.
-Only protocol allreduce works here: Horovod's Keras optimizer cannot route an allgather.
+horovod.tensorflow.keras.DistributedOptimizer(compression=...) and Horovod's callbacks; the
+compressor carries either protocol through Horovod's optimizer.
 """
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def synthetic(args) -> None:
 
 
 def main() -> None:
-    args = common.parse_args(common.build_parser(__doc__.splitlines()[0]), allgather_ok=False)
+    args = common.parse_args(common.build_parser(__doc__.splitlines()[0]), drop_in=False)
     hvd.init()
     keras.utils.set_random_seed(args.seed)
     (synthetic if args.synthetic else train)(args)

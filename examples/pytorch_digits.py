@@ -4,10 +4,10 @@
     mpirun -np 2 python examples/pytorch_digits.py --compression qsgd --protocol allgather
     mpirun -np 2 python examples/pytorch_digits.py --compression nuq --synthetic   # img/sec
 
---protocol allreduce: Horovod's stock hvd.DistributedOptimizer carries the quantized
-gradients. --protocol allgather: horovod_nuq.torch.DistributedOptimizer (same signature)
-gathers each rank's bit-packed codes instead. --protocol auto (default): the cheaper of the
-two for this many ranks (comp.protocol_for), through the matching optimizer.
+Horovod's own hvd.DistributedOptimizer with the compressor line only (--optimizer horovod,
+the default) or horovod_nuq.torch.DistributedOptimizer (--optimizer horovod_nuq, same
+signature); either carries --protocol allgather (per-rank bit-packed codes), allreduce
+(summable words) or auto (default: the cheaper of the two for this many ranks).
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def synthetic_model() -> nn.Module:
 
 
 def distributed_optimizer(args, model: nn.Module, opt: torch.optim.Optimizer, compression):
-    if args.protocol == "allgather":  # also what --protocol auto chose, when it is cheaper here
-        import horovod_nuq.torch as nuq_torch  # routes per-rank codes through allgather
+    if args.optimizer == "horovod_nuq":
+        import horovod_nuq.torch as nuq_torch
 
         return nuq_torch.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                               compression=compression, op=hvd.Average)

@@ -4,9 +4,9 @@
     mpirun -np 2 python examples/tensorflow2_digits.py --compression qsgd --protocol allgather
     mpirun -np 2 python examples/tensorflow2_digits.py --compression nuq --synthetic   # img/sec
 
-Training step: tf.GradientTape wrapped by horovod_nuq.tensorflow.DistributedGradientTape
-(Horovod's own tape where the compressor's protocol is allreduce, an allgather of bit-packed
-codes where it is allgather or auto picks it), all inside one tf.function.
+Training step: tf.GradientTape wrapped by Horovod's own hvd.DistributedGradientTape with the
+compressor line only (--optimizer horovod, the default) or by
+horovod_nuq.tensorflow.DistributedGradientTape (--optimizer horovod_nuq), inside one tf.function.
 """
 from __future__ import annotations
 
@@ -44,14 +44,15 @@ def grad_numel(model: tf.keras.Model) -> int:
     return int(sum(int(np.prod(v.shape)) for v in model.trainable_variables))
 
 
-def make_train_step(model, opt, compression):
+def make_train_step(model, opt, compression, optimizer: str = "horovod"):
+    tape_cls = nuq_tf.DistributedGradientTape if optimizer == "horovod_nuq" else hvd.DistributedGradientTape
     loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     @tf.function(reduce_retracing=True)
     def train_step(x, y):
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True))
-        tape = nuq_tf.DistributedGradientTape(tape, compression=compression, op=hvd.Average)
+        tape = tape_cls(tape, compression=compression, op=hvd.Average)
         grads = tape.gradient(loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
         return hvd.allreduce(loss, op=hvd.Average, name="loss")
@@ -75,7 +76,7 @@ def train(args) -> None:
     opt = tf.keras.optimizers.SGD(learning_rate=args.lr * size, momentum=0.9)
     compression = common.make_compression(args, hvd)
     hvd.broadcast_variables(model.variables, root_rank=0)  # optimizer slots start at zero everywhere
-    train_step = make_train_step(model, opt, compression)
+    train_step = make_train_step(model, opt, compression, args.optimizer)
 
     meter = common.ByteMeter(args.compression, compression, grad_numel(model))
     rep = common.Reporter(args, "tensorflow", rank, size, common.describe_compression(args, compression),
@@ -100,7 +101,7 @@ def synthetic(args) -> None:
     opt = tf.keras.optimizers.SGD(learning_rate=0.01 * size)
     compression = common.make_compression(args, hvd)
     hvd.broadcast_variables(model.variables, root_rank=0)
-    train_step = make_train_step(model, opt, compression)
+    train_step = make_train_step(model, opt, compression, args.optimizer)
     rng = np.random.default_rng([args.seed, rank])
     data = tf.constant(rng.standard_normal((args.synthetic_batch_size, 32, 32, 3), np.float32))
     target = tf.constant(rng.integers(0, 1000, args.synthetic_batch_size))

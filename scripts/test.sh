@@ -22,7 +22,9 @@ for np in $RANKS; do
   for suite in test_torch_mpi test_reliability_mpi test_tf_mpi; do
     echo "== $suite with $np ranks"
     log="$REPORTS/$suite.$np"
-    if ! timeout 900 mpirun -np "$np" bash -c '
+    # the reliability suite runs the fused kernels with 2 OpenMP threads (env.sh sets 1)
+    threads=$OMP_NUM_THREADS; [ "$suite" = test_reliability_mpi ] && threads=2
+    if ! OMP_NUM_THREADS=$threads timeout 900 mpirun -np "$np" bash -c '
         r=${OMPI_COMM_WORLD_RANK:-0}
         args=(-m pytest "tests/parallel/'"$suite"'.py" -p no:cacheprovider -x --color=no)
         if [ "$r" = 0 ]; then exec python "${args[@]}" -q --junitxml="'"$log"'.xml" '"$*"'

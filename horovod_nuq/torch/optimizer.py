@@ -33,7 +33,10 @@ def _allgather_grad_async(self, p: torch.Tensor):
 
 
 def _grouped_allgather_grad_async(self, ps):
-    payloads, ctxs = zip(*[self._compression.compress_for_allgather(p.grad) for p in ps])
+    grads = [_dense_grad(self, p) for p in ps]
+    if any(g is None for g in grads):
+        raise ValueError("the allgather protocol needs dense gradients: pass sparse_as_dense=True")
+    payloads, ctxs = zip(*[self._compression.compress_for_allgather(g) for g in grads])
     handle = grouped_allgather_async(list(payloads), name=f"nuq.{self._parameter_names.get(ps[0])}",
                                      process_set=self.process_set)
     return handle, [dataclasses.replace(c, average=self.op == hvd.Average) for c in ctxs]
