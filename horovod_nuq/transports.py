@@ -151,8 +151,7 @@ def _release_slot(coll: Any, kind: str, numel: int, slot: int) -> None:
     coll.in_flight[kind, numel].pop(slot, None)
 
 
-def _scaled(codec: TensorCodec, xp: Any, decode: Any, reduced: Any, tag: int, ctx: Context,
-            ranks: Any) -> Any:
+def _scaled(xp: Any, decode: Any, reduced: Any, tag: int, ctx: Context, ranks: Any) -> Any:
     """decode(factor) scaled by the reduction the sentinel reports: decode(c*n / ranks) where
     the factor can be read on the host, else decode(1 / ranks) times the sentinel's c*n."""
     scale = wire.read_sentinel(xp, xp.cast(reduced, "float64"), tag, f"a tensor of {ctx.numel} elements")
@@ -197,7 +196,7 @@ class SentinelGather:
             gathered = coll.wait(ctx.handle)
         finally:
             self._release(coll, ctx.tensor.numel, ctx.tag, ctx.name)
-        return _scaled(codec, backend_for(reduced), lambda f: codec.decode_codes(gathered, ctx.tensor, f),
+        return _scaled(backend_for(reduced), lambda f: codec.decode_codes(gathered, ctx.tensor, f),
                        reduced, ctx.tag, ctx.tensor, lambda: codec.ranks_in(gathered, ctx.tensor))
 
     def _release(self, coll: Any, numel: int, tag: int, name: str | None) -> None:
@@ -245,7 +244,7 @@ class DeferredSummable:
             words = coll.wait(ctx.words_handle)
         finally:
             _release_slot(coll, "s", ctx.tensor.numel, ctx.tag)
-        return _scaled(codec, backend_for(reduced),
+        return _scaled(backend_for(reduced),
                        lambda f: _times(codec.decode_sums(words, ctx.scale, ctx.layout, ctx.tensor), f,
                                         ctx.layout.ranks),
                        reduced, ctx.tag, ctx.tensor, lambda: ctx.layout.ranks)
