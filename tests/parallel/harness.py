@@ -67,3 +67,11 @@ def check_variance(outs: np.ndarray, true: np.ndarray, var: np.ndarray) -> tuple
 def digest(x: np.ndarray) -> np.ndarray:
     """A 16-byte digest of an array's bytes, as uint8, for comparing results across ranks."""
     return np.frombuffer(hashlib.md5(np.ascontiguousarray(x).tobytes()).digest(), dtype=np.uint8).copy()
+
+
+def check_near(out: np.ndarray, want: np.ndarray, var: np.ndarray, what: str = "") -> None:
+    """One draw of a reduction is near its expectation: the squared error summed over
+    coordinates is below 3x its exact expectation `var.sum()` (it concentrates around 1x over
+    many coordinates), and a doubled or halved decode is far above it."""
+    err = float(np.sum((np.asarray(out, np.float64) - want) ** 2))
+    assert err <= 3.0 * float(var.sum()) + 1e-12, f"{what}: squared error {err:.4g} vs expected {var.sum():.4g}"
