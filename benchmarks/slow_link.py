@@ -94,8 +94,7 @@ def make_compression(name: str, hvd, nuq, clock: Clock, bits, engine: str):
     if name in ("none", "fp16"):
         return TimedCompression(getattr(hvd.Compression, name), clock), name, "allreduce"
     scheme, protocol = name.split("/")
-    cls = {"qsgd": nuq.QSGDCompressor, "qsgdinf": nuq.QSGDInfCompressor, "nuq": nuq.NUQCompressor,
-           "tnq": nuq.TNQCompressor, "globalqsgd": nuq.GlobalQSGDCompressor}[scheme]
+    cls = nuq.COMPRESSORS[scheme]
     chosen = {"stock": "auto", "stock-allreduce": "allreduce"}.get(protocol, protocol)
     comp = cls(bits=bits, protocol=chosen, **({"fused": False} if engine == "generic" else {}))
     if protocol == "stock":

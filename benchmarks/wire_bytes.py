@@ -14,8 +14,7 @@ import torch
 
 import horovod_nuq.torch as nuq
 
-SCHEMES = {"qsgd": nuq.QSGDCompressor, "qsgdinf": nuq.QSGDInfCompressor, "nuq": nuq.NUQCompressor,
-           "tnq": nuq.TNQCompressor, "globalqsgd": nuq.GlobalQSGDCompressor}
+SCHEMES = nuq.COMPRESSORS
 
 
 def model() -> torch.nn.Module:

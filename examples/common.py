@@ -25,9 +25,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-COMPRESSIONS = ("none", "fp16", "qsgd", "qsgdinf", "nuq", "tnq", "globalqsgd")
-SCHEMES = COMPRESSIONS[2:]
-PROTOCOLS = ("auto", "allreduce", "allgather")
+from horovod_nuq import COMPRESSORS
+from horovod_nuq.policy import PROTOCOLS
+
+SCHEMES = tuple(COMPRESSORS)
+COMPRESSIONS = ("none", "fp16", *SCHEMES)
 
 
 # ---- command line --------------------------------------------------------------------
@@ -148,8 +150,6 @@ def make_compression(args: argparse.Namespace, hvd: Any) -> Any:
         return hvd.Compression.none
     if args.compression == "fp16":
         return hvd.Compression.fp16
-    from horovod_nuq import COMPRESSORS
-
     kw = {"seed": args.seed, "protocol": args.protocol}
     if args.bits is not None:
         kw["bits"] = args.bits

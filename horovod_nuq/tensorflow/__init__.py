@@ -1,5 +1,6 @@
 """TensorFlow frontend: the compressors, Horovod registration, and an allgather-capable tape."""
 from ..compressor import (
+                          COMPRESSORS,
                           Compressor,
                           GlobalQSGDCompressor,
                           NUQCompressor,
@@ -10,5 +11,5 @@ from ..compressor import (
 from . import collectives  # noqa: F401  (imports the TF backend, which keeps AutoGraph out)
 from .tape import DistributedGradientTape
 
-__all__ = ["Compressor", "DistributedGradientTape", "GlobalQSGDCompressor", "NUQCompressor",
+__all__ = ["COMPRESSORS", "Compressor", "DistributedGradientTape", "GlobalQSGDCompressor", "NUQCompressor",
            "QSGDCompressor", "QSGDInfCompressor", "TNQCompressor"]

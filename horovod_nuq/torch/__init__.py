@@ -1,5 +1,6 @@
 """PyTorch frontend: the compressors, Horovod registration, and an allgather-capable optimizer."""
 from ..compressor import (
+                          COMPRESSORS,
                           Compressor,
                           GlobalQSGDCompressor,
                           NUQCompressor,
@@ -9,5 +10,5 @@ from ..compressor import (
 )
 from .optimizer import DistributedOptimizer
 
-__all__ = ["Compressor", "DistributedOptimizer", "GlobalQSGDCompressor", "NUQCompressor",
+__all__ = ["COMPRESSORS", "Compressor", "DistributedOptimizer", "GlobalQSGDCompressor", "NUQCompressor",
            "QSGDCompressor", "QSGDInfCompressor", "TNQCompressor"]
