@@ -235,13 +235,16 @@ class Compressor:
                        codec.n_buckets(numel, self.scheme.bucket_size))
 
     def _engine(self, xp: Backend, tensor: Any) -> engines.GenericEngine:
-        """The fused C kernels for host tensors when available (and fused is not False)."""
+        """Fused kernels when available (and fused is not False): C for host tensors, Triton for
+        torch GPU tensors."""
         lib = kernels.load() if self.fused is not False and xp.on_host(tensor) else None
         if lib is not None:
             cls = engines.GraphFusedEngine if xp.symbolic(tensor) else engines.FusedEngine
+        elif self.fused is not False and xp.name == "torch" and _cuda().usable(tensor):
+            cls = _cuda().TritonEngine  # torch GPU tensors: fused Triton kernels
         elif self.fused:
-            raise RuntimeError("fused=True, but the fused CPU kernels cannot run here "
-                               "(tensor not in host memory, or no C compiler)")
+            raise RuntimeError("fused=True, but no fused kernels can run here (host "
+                               "tensor without a C compiler, or a GPU tensor without triton)")
         else:
             cls = engines.GenericEngine
         key = (xp.name, cls)
@@ -293,6 +296,13 @@ class Compressor:
             self._rank_seed = int(state >> np.uint64(1))
             self._draw_state = _Draws(self._rank_seed, coll)
         return self._draw_state
+
+
+def _cuda():
+    """engines_cuda, imported on first use (it imports torch)."""
+    from . import engines_cuda
+
+    return engines_cuda
 
 
 class _Draws:

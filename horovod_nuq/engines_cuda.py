@@ -1,0 +1,181 @@
+"""TritonEngine: the engine interface of engines.py for torch tensors on a GPU, one fused Triton
+kernel per stage (triton_kernels.py), same wire formats and the same decoded bits as FusedEngine.
+
+Host synchronisation: none in work/scales/encode_*; decode_sums reads one int32 flag (bad
+sentinel, non-integer words) to raise like the CPU path, and finish_codes reads the flag that
+decode_codes set (a code > 2k) once per decompress_gathered.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import codec, wire
+from .engines import GenericEngine
+from .schemes import Scheme
+
+_SCALE_MODES = {"l2": 0, "max": 1, "laplace": 2}
+_BLOCK = 2048  # elements per program of the elementwise stages
+_INT32_LIMIT = 1 << 31
+
+
+_available: bool | None = None
+
+
+def available() -> bool:
+    """Whether triton imports (the engine's kernels need it); tried once."""
+    global _available
+    if _available is None:
+        try:
+            import triton  # noqa: F401
+            _available = True
+        except ImportError:
+            _available = False
+    return _available
+
+
+def usable(tensor: Any) -> bool:
+    """Torch CUDA tensors whose element indices fit int32 (the kernels' index type), with triton."""
+    return (isinstance(tensor, torch.Tensor) and tensor.is_cuda and tensor.numel() < _INT32_LIMIT // 2
+            and available())
+
+
+def _salt(key: int) -> int:
+    """The C kernels' salt_for(key, i) for i < 2^32, as a signed int32 (one kernel signature)."""
+    s = (key & 0xFFFFFFFF) ^ ((key >> 32) & 0xFFFFFFFF)
+    return s - (1 << 32) if s >= (1 << 31) else s
+
+
+class TritonEngine(GenericEngine):
+    """Encode and decode torch GPU tensors with fused Triton kernels (one pass per stage).
+
+    check_errors: read the decoders' error flags (one host sync each); benchmarks that time
+    the kernels alone turn it off.
+    """
+
+    check_errors = True
+
+    def __init__(self, xp: Any, scheme: Scheme, tables: codec.Tables) -> None:
+        super().__init__(xp, scheme, tables)
+        from . import triton_kernels
+
+        self.tk = triton_kernels
+        host = tables._host
+        k = tables.k
+        fv = (np.arange(2 * k + 1) - k) if tables.uniform else host["signed_numerators"]
+        tab = np.zeros(256, np.float32)
+        tab[: 2 * k + 1] = host["signed_values"]
+        self._host = {"levels": np.ascontiguousarray(host["levels"], np.float32),
+                      "fv": (np.asarray(fv, np.int64) + scheme.levels.denominator).astype(np.int32),
+                      "tab": tab}
+        self._dev: dict[Any, dict[str, torch.Tensor]] = {}
+        self._flags: dict[int, torch.Tensor] = {}  # id(acc) -> its error flag, until finish_codes
+
+    def _t(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The constant tables on like's device (copied there once)."""
+        if like.device not in self._dev:
+            self._dev[like.device] = {k: torch.from_numpy(v).to(like.device) for k, v in self._host.items()}
+        return self._dev[like.device]
+
+    def work(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The flat tensor in its own dtype (the kernels convert to float32 as they read)."""
+        x = tensor.detach().reshape(-1)
+        if x.numel() == 0:  # kernels need a real pointer; one zero encodes like the padding
+            return x.new_zeros(1)
+        return x if x.is_contiguous() else x.contiguous()
+
+    def scales(self, tensor: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, s = self.work(tensor), self.scheme
+        nb = codec.n_buckets(numel, s.bucket_size)
+        r = torch.empty(nb, dtype=torch.float32, device=x.device)
+        chunk = min(triton_next_pow2(s.bucket_size), 1024)
+        rows = max(1, 4096 // chunk)
+        self.tk.scales_kernel[(-(-nb // rows),)](
+            x, r, numel, nb, float(s.truncation or 0.0), B=s.bucket_size, MODE=_SCALE_MODES[s.scale],
+            ROWS=rows, CHUNK=chunk)
+        return x, r
+
+    def encode_codes(self, x: torch.Tensor, r: torch.Tensor, draws: Any) -> torch.Tensor:
+        s, t = self.scheme, self.tables
+        r = r.contiguous()
+        count = r.numel() * s.bucket_size
+        out = torch.empty(wire.packed_code_bytes(count, s.code_bits), dtype=torch.uint8, device=x.device)
+        groups = 256
+        self.tk.encode_codes_kernel[(-(-count // (8 * groups)),)](
+            x, r, self._t(x)["levels"], out, x.numel(), count, _salt(draws.key()), B=s.bucket_size,
+            K=t.k, UNIFORM=bool(t.uniform), BITS=s.code_bits, GROUPS=groups)
+        return out
+
+    def encode_sums(self, x: torch.Tensor, r: torch.Tensor, layout: wire.SumLayout, draws: Any) -> torch.Tensor:
+        s, t = self.scheme, self.tables
+        r = r.contiguous()
+        count = r.numel() * s.bucket_size
+        nw = layout.words(count)
+        out = torch.empty(nw + 1, dtype=torch.float64, device=x.device)
+        perp = triton_next_pow2(layout.per_word)
+        words = max(1, _BLOCK // perp)
+        tab = self._t(x)
+        self.tk.encode_sums_kernel[(max(1, -(-nw // words)),)](
+            x, r, tab["levels"], tab["fv"], out, x.numel(), count, nw, _salt(draws.key()),
+            B=s.bucket_size, K=t.k, UNIFORM=bool(t.uniform), WIDTH=layout.width, PER=layout.per_word,
+            PERP=perp, WORDS=words)
+        return out
+
+    def decode_sums(self, payload: torch.Tensor, r: torch.Tensor, layout: wire.SumLayout, nb: int) -> torch.Tensor:
+        """Decode reduced words; one host read of the error flag (the only sync of this engine
+        besides finish_codes)."""
+        bs = self.scheme.bucket_size
+        count = nb * bs
+        nw = layout.words(count)
+        p = payload.reshape(-1)
+        if p.numel() != nw + 1:
+            raise ValueError(f"summable payload: expected {nw + 1} float64 words, got {p.numel()}")
+        p = p.to(torch.float64).contiguous()
+        out = torch.empty(count, dtype=torch.float32, device=p.device)
+        flag = torch.zeros(1, dtype=torch.int32, device=p.device)
+        self.tk.decode_sums_kernel[(-(-count // _BLOCK),)](
+            p, r.contiguous(), out, flag, count, nw, layout.ranks, self.tables.denominator,
+            layout.bound * layout.ranks, B=bs, WIDTH=layout.width, PER=layout.per_word, BLOCK=_BLOCK)
+        bad = int(flag.item()) if self.check_errors else 0  # the documented sync
+        if bad & 2:
+            raise ValueError(wire.BAD_SENTINEL)
+        if bad & 1:
+            raise ValueError(wire.not_integer_message(layout.ranks))
+        return out.reshape(nb, bs)
+
+    def decode_codes(self, codes: torch.Tensor, r: torch.Tensor, nb: int, acc: torch.Tensor | None,
+                     scale: float = 1.0) -> torch.Tensor:
+        """Store (acc None) or add r * scale * level of one rank's codes; errors surface in finish_codes."""
+        s = self.scheme
+        count = nb * s.bucket_size
+        expected = wire.packed_code_bytes(count, s.code_bits)
+        c = codes.reshape(-1)
+        if c.numel() != expected:
+            raise ValueError(f"packed codes: expected {expected} bytes, got {c.numel()}")
+        c = c.contiguous()
+        out = torch.empty(count, dtype=torch.float32, device=c.device) if acc is None else acc
+        flag = self._flags.get(id(out)) if acc is not None else None
+        if flag is None:
+            if len(self._flags) > 64:  # decodes whose finish_codes never came
+                self._flags.clear()
+            flag = torch.zeros(1, dtype=torch.int32, device=c.device)
+            self._flags[id(out)] = flag
+        self.tk.decode_codes_kernel[(max(1, -(-count // _BLOCK)),)](
+            c, r.contiguous(), self._t(c)["tab"], out, flag, count, float(np.float32(scale)),
+            B=s.bucket_size, K=self.tables.k, BITS=s.code_bits, FIRST=acc is None, BLOCK=_BLOCK)
+        return out
+
+    def finish_codes(self, acc: torch.Tensor, like: Any, nb: int) -> torch.Tensor:
+        """Raise if any decoded code exceeded 2k (one host read), then shape as buckets."""
+        flag = self._flags.pop(id(acc), None)
+        if flag is not None and self.check_errors and int(flag.item()):
+            raise ValueError(f"packed codes: a code exceeds 2k = {2 * self.tables.k}: the payload is "
+                             "corrupt or was made with other settings")
+        return acc.reshape(nb, self.scheme.bucket_size)
+
+
+def triton_next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
