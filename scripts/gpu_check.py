@@ -144,6 +144,14 @@ def check_unbiased(cls, protocol, n, T) -> tuple[bool, str]:
                 f"E|err|^2={err.mean():.5g} vs exact {var.sum():.5g}: {ok}")
 
 
+def guarded(fn, *args) -> tuple[bool, str]:
+    """fn(*args), or a failed row naming the exception (one broken case does not end the run)."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001  (reported as a failure)
+        return False, f"{getattr(fn, '__name__', fn)}{args}: {type(e).__name__}: {str(e)[:300]}"
+
+
 def correctness(full: bool) -> bool:
     say("== correctness ==")
     good = True
@@ -153,15 +161,15 @@ def correctness(full: bool) -> bool:
             dts = ["float32", "float16", "bfloat16"] if full or cls is H.NUQCompressor else ["float32"]
             for dtype in dts:
                 for n, b in (sizes if dtype == "float32" else sizes[:1]):
-                    ok, row = check_case(cls, protocol, dtype, n, b)
+                    ok, row = guarded(check_case, cls, protocol, dtype, n, b)
                     good &= ok
                     say(("ok   " if ok else "FAIL ") + row)
-            ok, row = check_special(cls, protocol)
+            ok, row = guarded(check_special, cls, protocol)
             good &= ok
             say(("ok   " if ok else "FAIL ") + row)
     for cls in CLASSES:
         for protocol in protocols(cls):
-            ok, row = check_unbiased(cls, protocol, 2000 if full else 600, 400 if full else 60)
+            ok, row = guarded(check_unbiased, cls, protocol, 2000 if full else 600, 400 if full else 60)
             good &= ok
             say(("ok   " if ok else "FAIL ") + row)
     say(f"correctness: {'ALL OK' if good else 'FAILURES'}")
@@ -264,7 +272,11 @@ def bench_size(mb: float) -> None:
     head = f"{mb:5.0f}MB {gb / t_clone:8.1f} {gb / t_half:9.1f}"
     for name, cls in (("nuq", H.NUQCompressor), ("qsgd", H.QSGDCompressor)):
         for protocol in ("allreduce", "allgather"):
-            times = bench_combo(x, gpu_comp(cls, protocol=protocol, seed=1), protocol, iters)
+            try:
+                times = bench_combo(x, gpu_comp(cls, protocol=protocol, seed=1), protocol, iters)
+            except Exception as e:  # noqa: BLE001  (reported in the table)
+                say(f"{head}  {name:6s} {protocol:9s} FAILED: {type(e).__name__}: {str(e)[:300]}")
+                continue
             say(f"{head}  {name:6s} {protocol:9s} " + " ".join(
                 f"{gb / t:8.1f} {100 * t_clone / t:5.0f}" for t in times))
             head = " " * len(head)
