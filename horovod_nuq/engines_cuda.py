@@ -17,7 +17,6 @@ from .engines import GenericEngine
 from .schemes import Scheme
 
 _SCALE_MODES = {"l2": 0, "max": 1, "laplace": 2}
-_BLOCK = 2048  # elements per program of the elementwise stages
 _INT32_LIMIT = 1 << 31
 
 
@@ -52,10 +51,16 @@ class TritonEngine(GenericEngine):
     """Encode and decode torch GPU tensors with fused Triton kernels (one pass per stage).
 
     check_errors: read the decoders' error flags (one host sync each); benchmarks that time
-    the kernels alone turn it off.
+    the kernels alone turn it off (flags then stay set until a checked read raises).
+    Launch shape: ENCODE_ELEMS / DECODE_ELEMS elements per program, with ENCODE_WARPS /
+    DECODE_WARPS warps (scripts/gpu_check.py --tune times alternatives).
     """
 
     check_errors = True
+    ENCODE_ELEMS = 2048
+    DECODE_ELEMS = 2048
+    ENCODE_WARPS = 4
+    DECODE_WARPS = 4
 
     def __init__(self, xp: Any, scheme: Scheme, tables: codec.Tables) -> None:
         super().__init__(xp, scheme, tables)
@@ -64,14 +69,19 @@ class TritonEngine(GenericEngine):
         self.tk = triton_kernels
         host = tables._host
         k = tables.k
-        fv = (np.arange(2 * k + 1) - k) if tables.uniform else host["signed_numerators"]
         tab = np.zeros(256, np.float32)
         tab[: 2 * k + 1] = host["signed_values"]
         self._host = {"levels": np.ascontiguousarray(host["levels"], np.float32),
-                      "fv": (np.asarray(fv, np.int64) + scheme.levels.denominator).astype(np.int32),
-                      "tab": tab}
+                      "num": np.asarray(scheme.levels.numerators, np.int32), "tab": tab}
         self._dev: dict[Any, dict[str, torch.Tensor]] = {}
-        self._flags: dict[int, torch.Tensor] = {}  # id(acc) -> its error flag, until finish_codes
+        self._flags: dict[Any, torch.Tensor] = {}  # per device: [sums error bits, codes error bit]
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (r, 1 / r) of the last scales()
+
+    def _flag(self, like: torch.Tensor) -> torch.Tensor:
+        """The device's two persistent error words (zeroed once; reset only after a raise)."""
+        if like.device not in self._flags:
+            self._flags[like.device] = torch.zeros(2, dtype=torch.int32, device=like.device)
+        return self._flags[like.device]
 
     def _t(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
         """The constant tables on like's device (copied there once)."""
@@ -89,38 +99,50 @@ class TritonEngine(GenericEngine):
     def scales(self, tensor: torch.Tensor, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, s = self.work(tensor), self.scheme
         nb = codec.n_buckets(numel, s.bucket_size)
-        r = torch.empty(nb, dtype=torch.float32, device=x.device)
+        buf = torch.empty(2 * nb, dtype=torch.float32, device=x.device)
+        r, inv = buf[:nb], buf[nb:]
         chunk = min(triton_next_pow2(s.bucket_size), 1024)
         rows = max(1, 4096 // chunk)
         self.tk.scales_kernel[(-(-nb // rows),)](
-            x, r, numel, nb, float(s.truncation or 0.0), B=s.bucket_size, MODE=_SCALE_MODES[s.scale],
+            x, r, inv, numel, nb, float(s.truncation or 0.0), B=s.bucket_size, MODE=_SCALE_MODES[s.scale],
             ROWS=rows, CHUNK=chunk)
+        self._last = (r, inv)
         return x, r
+
+    def _inverse(self, r: torch.Tensor) -> torch.Tensor:
+        """1 / r per bucket as the encoders read it: from scales() when r is its result, else one
+        small kernel (e.g. for scales agreed over ranks)."""
+        if self._last is not None and self._last[0] is r:
+            return self._last[1]
+        r = r.contiguous()
+        inv = torch.empty_like(r)
+        self.tk.inverse_kernel[(-(-r.numel() // 1024),)](r, inv, r.numel(), BLOCK=1024)
+        return inv
 
     def encode_codes(self, x: torch.Tensor, r: torch.Tensor, draws: Any) -> torch.Tensor:
         s, t = self.scheme, self.tables
-        r = r.contiguous()
+        inv = self._inverse(r)
         count = r.numel() * s.bucket_size
         out = torch.empty(wire.packed_code_bytes(count, s.code_bits), dtype=torch.uint8, device=x.device)
-        groups = 256
+        groups = self.ENCODE_ELEMS // 8
         self.tk.encode_codes_kernel[(-(-count // (8 * groups)),)](
-            x, r, self._t(x)["levels"], out, x.numel(), count, _salt(draws.key()), B=s.bucket_size,
-            K=t.k, UNIFORM=bool(t.uniform), BITS=s.code_bits, GROUPS=groups)
+            x, inv, self._t(x)["levels"], out, x.numel(), count, _salt(draws.key()), B=s.bucket_size,
+            K=t.k, UNIFORM=bool(t.uniform), BITS=s.code_bits, GROUPS=groups, num_warps=self.ENCODE_WARPS)
         return out
 
     def encode_sums(self, x: torch.Tensor, r: torch.Tensor, layout: wire.SumLayout, draws: Any) -> torch.Tensor:
         s, t = self.scheme, self.tables
-        r = r.contiguous()
+        inv = self._inverse(r)
         count = r.numel() * s.bucket_size
         nw = layout.words(count)
         out = torch.empty(nw + 1, dtype=torch.float64, device=x.device)
         perp = triton_next_pow2(layout.per_word)
-        words = max(1, _BLOCK // perp)
+        words = max(1, self.ENCODE_ELEMS // perp)
         tab = self._t(x)
         self.tk.encode_sums_kernel[(max(1, -(-nw // words)),)](
-            x, r, tab["levels"], tab["fv"], out, x.numel(), count, nw, _salt(draws.key()),
+            x, inv, tab["levels"], tab["num"], out, x.numel(), count, nw, _salt(draws.key()), layout.bound,
             B=s.bucket_size, K=t.k, UNIFORM=bool(t.uniform), WIDTH=layout.width, PER=layout.per_word,
-            PERP=perp, WORDS=words)
+            PERP=perp, WORDS=words, num_warps=self.ENCODE_WARPS)
         return out
 
     def decode_sums(self, payload: torch.Tensor, r: torch.Tensor, layout: wire.SumLayout, nb: int) -> torch.Tensor:
@@ -134,11 +156,14 @@ class TritonEngine(GenericEngine):
             raise ValueError(f"summable payload: expected {nw + 1} float64 words, got {p.numel()}")
         p = p.to(torch.float64).contiguous()
         out = torch.empty(count, dtype=torch.float32, device=p.device)
-        flag = torch.zeros(1, dtype=torch.int32, device=p.device)
-        self.tk.decode_sums_kernel[(-(-count // _BLOCK),)](
+        flag = self._flag(p)
+        self.tk.decode_sums_kernel[(-(-count // self.DECODE_ELEMS),)](
             p, r.contiguous(), out, flag, count, nw, layout.ranks, self.tables.denominator,
-            layout.bound * layout.ranks, B=bs, WIDTH=layout.width, PER=layout.per_word, BLOCK=_BLOCK)
-        bad = int(flag.item()) if self.check_errors else 0  # the documented sync
+            layout.bound * layout.ranks, B=bs, WIDTH=layout.width, PER=layout.per_word,
+            BLOCK=self.DECODE_ELEMS, num_warps=self.DECODE_WARPS)
+        bad = int(flag[0].item()) if self.check_errors else 0  # the documented sync
+        if bad:
+            flag[0] = 0
         if bad & 2:
             raise ValueError(wire.BAD_SENTINEL)
         if bad & 1:
@@ -155,22 +180,21 @@ class TritonEngine(GenericEngine):
         if c.numel() != expected:
             raise ValueError(f"packed codes: expected {expected} bytes, got {c.numel()}")
         c = c.contiguous()
+        if s.code_bits in (2, 4) and c.data_ptr() % s.code_bits:  # read as int16 / int32 words
+            c = c.clone()
         out = torch.empty(count, dtype=torch.float32, device=c.device) if acc is None else acc
-        flag = self._flags.get(id(out)) if acc is not None else None
-        if flag is None:
-            if len(self._flags) > 64:  # decodes whose finish_codes never came
-                self._flags.clear()
-            flag = torch.zeros(1, dtype=torch.int32, device=c.device)
-            self._flags[id(out)] = flag
-        self.tk.decode_codes_kernel[(max(1, -(-count // _BLOCK)),)](
-            c, r.contiguous(), self._t(c)["tab"], out, flag, count, float(np.float32(scale)),
-            B=s.bucket_size, K=self.tables.k, BITS=s.code_bits, FIRST=acc is None, BLOCK=_BLOCK)
+        self.tk.decode_codes_kernel[(max(1, -(-count // self.DECODE_ELEMS)),)](
+            c, r.contiguous(), self._t(c)["tab"], out, self._flag(c)[1:], count, float(np.float32(scale)),
+            B=s.bucket_size, K=self.tables.k, BITS=s.code_bits, FIRST=acc is None, BLOCK=self.DECODE_ELEMS,
+            num_warps=self.DECODE_WARPS)
         return out
 
     def finish_codes(self, acc: torch.Tensor, like: Any, nb: int) -> torch.Tensor:
-        """Raise if any decoded code exceeded 2k (one host read), then shape as buckets."""
-        flag = self._flags.pop(id(acc), None)
-        if flag is not None and self.check_errors and int(flag.item()):
+        """Raise if any code decoded since the last check exceeded 2k (one host read), then shape
+        as buckets."""
+        flag = self._flag(acc)
+        if self.check_errors and int(flag[1].item()):
+            flag[1] = 0
             raise ValueError(f"packed codes: a code exceeds 2k = {2 * self.tables.k}: the payload is "
                              "corrupt or was made with other settings")
         return acc.reshape(nb, self.scheme.bucket_size)

@@ -29,32 +29,55 @@ def _draw(salt, i):
 
 
 @triton.jit
-def _codes(x, r, lv_ptr, salt, idx, K: tl.constexpr, UNIFORM: tl.constexpr):
-    """Codes idx + k in [0, 2k] by stochastic rounding of |x| / r (C: quant_uniform/quant_levels)."""
-    inv = tl.where(r > 0.0, tl.div_rn(tl.full(r.shape, 1.0, tl.float32), r), 1.0)
+def _quantize(x, inv, salt, idx, lv_ptr, num_ptr, K: tl.constexpr, UNIFORM: tl.constexpr,
+              NUM: tl.constexpr):
+    """Signed level index and signed level numerator (NUM; else the index again) of x by
+    stochastic rounding of |x| * inv (C: quant_uniform / quant_levels, same arithmetic).
+    Non-uniform levels: the bracketing levels are selected while counting, no table gathers."""
     a = tl.abs(x) * inv
     a = tl.where(a < 1.0, a, 1.0)  # also maps NaN (r = inf) to the top level, as the C code does
     u = _draw(salt, idx.to(tl.uint32))
     if UNIFORM:
         xk = a * (K * 1.0)
         j = tl.minimum(xk.to(tl.int32), K - 1)
-        up = u < xk - j.to(tl.float32)
+        ident = j + (u < xk - j.to(tl.float32)).to(tl.int32)
+        num = ident
     else:
         j = tl.zeros(x.shape, tl.int32)
+        l0 = tl.zeros(x.shape, tl.float32)  # levels[0] = 0
+        l1 = l0 + tl.load(lv_ptr + 1)
+        n0 = j
+        n1 = j + tl.load(num_ptr + 1)
         for m in tl.static_range(1, K):
-            j += (a >= tl.load(lv_ptr + m)).to(tl.int32)
-        l0 = tl.load(lv_ptr + j)
-        l1 = tl.load(lv_ptr + j + 1)
+            ge = a >= tl.load(lv_ptr + m)
+            j += ge.to(tl.int32)
+            l0 = tl.where(ge, tl.load(lv_ptr + m), l0)
+            l1 = tl.where(ge, tl.load(lv_ptr + m + 1), l1)
+            if NUM:
+                n0 = tl.where(ge, tl.load(num_ptr + m), n0)
+                n1 = tl.where(ge, tl.load(num_ptr + m + 1), n1)
         up = u * (l1 - l0) < a - l0
-    ident = j + up.to(tl.int32)
+        ident = j + up.to(tl.int32)
+        num = ident
+        if NUM:
+            num = tl.where(up, n1, n0)
     neg = x.to(tl.int32, bitcast=True) < 0  # signbit, like the C code
-    return K + tl.where(neg, -ident, ident)
+    return tl.where(neg, -ident, ident), tl.where(neg, -num, num)
+
+
+@triton.jit(do_not_specialize=["nb"])
+def inverse_kernel(r_ptr, inv_ptr, nb, BLOCK: tl.constexpr):
+    """inv[b] = 1 / r[b] (correctly rounded), or 1 where r <= 0 (C: inverse)."""
+    b = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    r = tl.load(r_ptr + b, mask=b < nb, other=1.0)
+    tl.store(inv_ptr + b, tl.where(r > 0.0, tl.div_rn(tl.full(r.shape, 1.0, tl.float32), r), 1.0), mask=b < nb)
 
 
 @triton.jit(do_not_specialize=["n", "nb"])
-def scales_kernel(x_ptr, r_ptr, n, nb, trunc, B: tl.constexpr, MODE: tl.constexpr,
+def scales_kernel(x_ptr, r_ptr, inv_ptr, n, nb, trunc, B: tl.constexpr, MODE: tl.constexpr,
                   ROWS: tl.constexpr, CHUNK: tl.constexpr):
-    """r[b]: L2 norm (MODE 0), max |x| (1) or min(trunc * mean|x|, max|x|) (2); +inf if non-finite."""
+    """r[b]: L2 norm (MODE 0), max |x| (1) or min(trunc * mean|x|, max|x|) (2); +inf if non-finite;
+    and inv[b] as inverse_kernel (the encoders read it)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, CHUNK)
     s = tl.zeros([ROWS, CHUNK], tl.float64)
@@ -83,11 +106,14 @@ def scales_kernel(x_ptr, r_ptr, n, nb, trunc, B: tl.constexpr, MODE: tl.constexp
         else:
             out = tl.where(t < mx, t, mx)
     finite = (tot - tot) == 0.0
-    tl.store(r_ptr + rows, tl.where(finite, out, INF), mask=rows < nb)
+    r = tl.where(finite, out, INF)
+    tl.store(r_ptr + rows, r, mask=rows < nb)
+    tl.store(inv_ptr + rows, tl.where(r > 0.0, tl.div_rn(tl.full(r.shape, 1.0, tl.float32), r), 1.0),
+             mask=rows < nb)
 
 
 @triton.jit(do_not_specialize=["n", "count", "salt"])
-def encode_codes_kernel(x_ptr, r_ptr, lv_ptr, out_ptr, n, count, salt, B: tl.constexpr,
+def encode_codes_kernel(x_ptr, inv_ptr, lv_ptr, out_ptr, n, count, salt, B: tl.constexpr,
                         K: tl.constexpr, UNIFORM: tl.constexpr, BITS: tl.constexpr,
                         GROUPS: tl.constexpr):
     """Packed codes: 8 codes of BITS bits per BITS bytes, little-endian; code k past n."""
@@ -96,21 +122,32 @@ def encode_codes_kernel(x_ptr, r_ptr, lv_ptr, out_ptr, n, count, salt, B: tl.con
     idx = g[:, None] * 8 + t[None, :]
     real = idx < n
     x = tl.load(x_ptr + idx, mask=real, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + idx // B, mask=real, other=1.0)
-    c = tl.where(real, _codes(x, r, lv_ptr, salt.to(tl.uint32, bitcast=True), idx, K, UNIFORM), K)
-    word = tl.sum(c.to(tl.int64) << (t * BITS).to(tl.int64)[None, :], axis=1)
-    byte = (word[:, None] >> (t * 8).to(tl.int64)[None, :]) & 255
+    inv = tl.load(inv_ptr + idx // B, mask=real, other=1.0)
+    sid, _ = _quantize(x, inv, salt.to(tl.uint32, bitcast=True), idx, lv_ptr, lv_ptr, K, UNIFORM, False)
+    c = tl.where(real, K + sid, K)
     groups = (count + 7) // 8
-    tl.store(out_ptr + g[:, None] * BITS + t[None, :], byte.to(tl.uint8),
-             mask=(t[None, :] < BITS) & (g[:, None] < groups))
+    gm = g < groups
+    if BITS == 8:
+        tl.store(out_ptr + idx, c.to(tl.uint8), mask=gm[:, None])
+    elif BITS == 4:  # one group is one little-endian int32
+        word = tl.sum(c << (t * 4)[None, :], axis=1)
+        tl.store(out_ptr.to(tl.pointer_type(tl.int32)) + g, word, mask=gm)
+    elif BITS == 2:
+        word = tl.sum(c << (t * 2)[None, :], axis=1)
+        tl.store(out_ptr.to(tl.pointer_type(tl.int16)) + g, word.to(tl.int16), mask=gm)
+    else:
+        word = tl.sum(c.to(tl.int64) << (t * BITS).to(tl.int64)[None, :], axis=1)
+        byte = (word[:, None] >> (t * 8).to(tl.int64)[None, :]) & 255
+        tl.store(out_ptr + g[:, None] * BITS + t[None, :], byte.to(tl.uint8),
+                 mask=(t[None, :] < BITS) & gm[:, None])
 
 
-@triton.jit(do_not_specialize=["n", "count", "nw", "salt"])
-def encode_sums_kernel(x_ptr, r_ptr, lv_ptr, fv_ptr, out_ptr, n, count, nw, salt, B: tl.constexpr,
-                       K: tl.constexpr, UNIFORM: tl.constexpr, WIDTH: tl.constexpr,
+@triton.jit(do_not_specialize=["n", "count", "nw", "salt", "bound"])
+def encode_sums_kernel(x_ptr, inv_ptr, lv_ptr, num_ptr, out_ptr, n, count, nw, salt, bound,
+                       B: tl.constexpr, K: tl.constexpr, UNIFORM: tl.constexpr, WIDTH: tl.constexpr,
                        PER: tl.constexpr, PERP: tl.constexpr, WORDS: tl.constexpr):
-    """Summable words: field values fv[code] of PER codes in WIDTH-bit fields of a float64
-    word (0 past count), then the sentinel 1.0 at out[nw]."""
+    """Summable words: PER fields bound + signed numerator, WIDTH bits each, per float64 word (0
+    past count; bound past n), then the sentinel 1.0 at out[nw]."""
     pid = tl.program_id(0)
     w = pid * WORDS + tl.arange(0, WORDS)
     t = tl.arange(0, PERP)
@@ -118,9 +155,10 @@ def encode_sums_kernel(x_ptr, r_ptr, lv_ptr, fv_ptr, out_ptr, n, count, nw, salt
     live = (t[None, :] < PER) & (idx < count)
     real = live & (idx < n)
     x = tl.load(x_ptr + idx, mask=real, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + idx // B, mask=real, other=1.0)
-    c = tl.where(real, _codes(x, r, lv_ptr, salt.to(tl.uint32, bitcast=True), idx, K, UNIFORM), K)
-    f = tl.where(live, tl.load(fv_ptr + c), 0).to(tl.int64)
+    inv = tl.load(inv_ptr + idx // B, mask=real, other=1.0)
+    _, snum = _quantize(x, inv, salt.to(tl.uint32, bitcast=True), idx, lv_ptr, num_ptr, K, UNIFORM,
+                        not UNIFORM)
+    f = tl.where(live, bound + tl.where(real, snum, 0), 0).to(tl.int64)
     word = tl.sum(f << (t * WIDTH).to(tl.int64)[None, :], axis=1)
     tl.store(out_ptr + w, word.to(tl.float64), mask=w < nw)
     tl.store(out_ptr + nw + tl.arange(0, 1), tl.full([1], 1.0, tl.float64), mask=(tl.arange(0, 1) + pid) == 0)
@@ -135,12 +173,20 @@ def decode_codes_kernel(in_ptr, r_ptr, tab_ptr, out_ptr, flag_ptr, count, scale,
     padded = (count + 7) // 8 * 8
     inside = idx < padded
     bit = (idx % 8) * BITS
-    byte0 = (idx // 8) * BITS + bit // 8
-    word = tl.load(in_ptr + byte0, mask=inside, other=0).to(tl.int32)
-    if (8 % BITS) != 0:  # a code may continue into the next byte
-        spill = inside & ((bit % 8) + BITS > 8)
+    if BITS == 8:
+        c = tl.load(in_ptr + idx, mask=inside, other=0).to(tl.int32)
+    elif BITS == 4:  # the group's little-endian int32
+        word = tl.load(in_ptr.to(tl.pointer_type(tl.int32)) + idx // 8, mask=inside, other=0)
+        c = (word >> bit) & 15
+    elif BITS == 2:
+        word = tl.load(in_ptr.to(tl.pointer_type(tl.int16)) + idx // 8, mask=inside, other=0).to(tl.int32)
+        c = (word >> bit) & 3
+    else:
+        byte0 = (idx // 8) * BITS + bit // 8
+        word = tl.load(in_ptr + byte0, mask=inside, other=0).to(tl.int32)
+        spill = inside & ((bit % 8) + BITS > 8)  # the code continues into the next byte
         word |= tl.load(in_ptr + byte0 + 1, mask=spill, other=0).to(tl.int32) << 8
-    c = (word >> (bit % 8)) & ((1 << BITS) - 1)
+        c = (word >> (bit % 8)) & ((1 << BITS) - 1)
     bad = tl.sum((inside & (c > 2 * K)).to(tl.int32), axis=0)
     tl.atomic_or(flag_ptr + tl.arange(0, 1), tl.full([1], 1, tl.int32), mask=(tl.arange(0, 1) + bad) > 0)
     live = idx < count
@@ -158,26 +204,35 @@ def decode_sums_kernel(p_ptr, r_ptr, out_ptr, flag_ptr, count, nw, ranks, denomi
                        B: tl.constexpr, WIDTH: tl.constexpr, PER: tl.constexpr,
                        BLOCK: tl.constexpr):
     """out = (field sum - offset) * (r[bucket] * scale) from words * ranks / sentinel, which must
-    be integers in [0, 2^53) (else flag |= 1, word read as 0); flag |= 2 for a bad sentinel."""
+    be integers in [0, 2^53) (else flag |= 1, word read as 0); flag |= 2 for a bad sentinel.
+
+    Rounding without conversions: for 0 <= y < 2^52 the low 52 bits of y + 2^52 are round(y)
+    (ties even, as nearbyint); fields below 2^23 become floats as bits of 2^23 + field."""
     pid = tl.program_id(0)
     one = tl.arange(0, 1)
     sent = tl.load(p_ptr + nw + one)
     rk = ranks.to(tl.float64)
-    factor = rk / sent
-    scale = (sent / rk / denominator.to(tl.float64)).to(tl.float32)
+    factor = tl.sum(rk / sent, axis=0)
+    scale = tl.sum((sent / rk / denominator.to(tl.float64)).to(tl.float32), axis=0)
     bad_sent = ~((sent > 0.0) & ((sent - sent) == 0.0))
     tl.atomic_or(flag_ptr + one, tl.full([1], 2, tl.int32), mask=bad_sent & ((one + pid) == 0))
     idx = pid * BLOCK + tl.arange(0, BLOCK)
     w = idx // PER
     t = idx - w * PER
     live = idx < count
-    y = tl.load(p_ptr + w, mask=live, other=0.0) * tl.sum(factor, axis=0)
-    ry = tl.where(y >= MAGIC, y, (y + MAGIC) - MAGIC)
-    ry = tl.where(y < 0.0, 0.0, ry)
-    ok = (tl.abs(y - ry) < 0.25) & (ry < 2.0 * MAGIC)
+    y = tl.load(p_ptr + w, mask=live, other=0.0) * factor
+    big = y >= MAGIC
+    shifted = y + MAGIC
+    ry = shifted - MAGIC
+    ok = tl.where(big, y < 2.0 * MAGIC, (ry >= 0.0) & (tl.abs(y - ry) < 0.25))
+    bits = tl.where(big, y, shifted).to(tl.int64, bitcast=True) & 0xFFFFFFFFFFFFF
     bad = tl.sum((live & (t == 0) & ~ok).to(tl.int32), axis=0)
     tl.atomic_or(flag_ptr + one, tl.full([1], 1, tl.int32), mask=(one + bad) > 0)
-    word = tl.where(ok, ry, 0.0).to(tl.int64)
-    field = ((word >> (t * WIDTH).to(tl.int64)) & ((1 << WIDTH) - 1)) - offset
-    rb = tl.load(r_ptr + idx // B, mask=live, other=0.0) * tl.sum(scale, axis=0)
-    tl.store(out_ptr + idx, field.to(tl.float32) * rb, mask=live)
+    field = (tl.where(ok, bits, 0) >> (t * WIDTH).to(tl.int64)) & ((1 << WIDTH) - 1)
+    if WIDTH <= 23:  # offset < 2^23 too: the difference of two exact floats is exact
+        v = (field.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        s = v - offset.to(tl.float32)
+    else:
+        s = (field - offset).to(tl.float32)
+    rb = tl.load(r_ptr + idx // B, mask=live, other=0.0) * scale
+    tl.store(out_ptr + idx, s * rb, mask=live)

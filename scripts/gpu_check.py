@@ -228,9 +228,10 @@ def speed(sizes_mb: list[float]) -> None:
     say("== speed: GB/s of float32 input (numel * 4 bytes / time); % = of the clone's ==")
     say("kernels: the engine's stages back to back, error flags not read (GPU time of the fused kernels);")
     say("engine: the same with the flag reads; api: Compressor.compress + decompress (allreduce: scale")
-    say("agreed inside, as under hvd.DistributedOptimizer; allgather: compress_for_allgather + decompress_gathered)")
+    say("agreed inside, as under hvd.DistributedOptimizer; allgather: compress_for_allgather + decompress_gathered);")
+    say("host us: host time to launch the kernels of one call (above the GPU time: launch-bound)")
     say(f"{'size':>7s} {'clone':>8s} {'fp16 cast':>9s}  {'scheme':6s} {'protocol':9s} {'kernels':>8s} "
-        f"{'%':>5s} {'engine':>8s} {'%':>5s} {'api':>8s} {'%':>5s}")
+        f"{'%':>5s} {'engine':>8s} {'%':>5s} {'api':>8s} {'%':>5s} {'host us':>7s}")
 
     for mb in sizes_mb:
         bench_size(mb)
@@ -241,8 +242,22 @@ class _Keys:
         return 12345
 
 
-def bench_combo(x, comp, protocol: str, iters: int) -> tuple[float, float, float]:
-    """Seconds per compress+decompress: kernels alone, engine stages with flag reads, full API."""
+def host_time(fn, iters: int) -> float:
+    """Seconds of host time per call of fn (launches only; the GPU may still be busy after)."""
+    if GPU:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    t = (time.perf_counter() - t0) / iters
+    if GPU:
+        torch.cuda.synchronize()
+    return t
+
+
+def bench_combo(x, comp, protocol: str, iters: int) -> tuple[float, float, float, float]:
+    """Seconds per compress+decompress: kernels alone, engine stages with flag reads, full API;
+    and the host's launch time per call of the kernels alone."""
     n = x.numel()
     eng = comp._engine(backend_for(x), x)
     nb, layout = -(-n // comp.scheme.bucket_size), comp._layout(1)
@@ -255,10 +270,11 @@ def bench_combo(x, comp, protocol: str, iters: int) -> tuple[float, float, float
 
     eng.check_errors = False
     t_k = timed(stages, iters)
+    t_h = host_time(stages, iters)
     eng.check_errors = True
     t_e = timed(stages, iters)
     t_a = timed(lambda: decode(comp, *encode(comp, x)), iters)
-    return t_k, t_e, t_a
+    return t_k, t_e, t_a, t_h
 
 
 def bench_size(mb: float) -> None:
@@ -278,7 +294,7 @@ def bench_size(mb: float) -> None:
                 say(f"{head}  {name:6s} {protocol:9s} FAILED: {type(e).__name__}: {str(e)[:300]}")
                 continue
             say(f"{head}  {name:6s} {protocol:9s} " + " ".join(
-                f"{gb / t:8.1f} {100 * t_clone / t:5.0f}" for t in times))
+                f"{gb / t:8.1f} {100 * t_clone / t:5.0f}" for t in times[:3]) + f" {times[3] * 1e6:7.0f}")
             head = " " * len(head)
     if GPU and mb == 64:  # the generic engine on the same tensor, for scale
         for protocol in ("allreduce", "allgather"):
@@ -290,10 +306,47 @@ def bench_size(mb: float) -> None:
         stage_breakdown(x, iters)
 
 
+def tune(mb: float = 256) -> None:
+    """Time each stage kernel at a few launch shapes; keep the fastest for the speed table."""
+    n = int(mb * 2**20) // 4
+    x = torch.randn(n, device=DEV)
+    T = engines_cuda.TritonEngine
+    say(f"== launch shapes ({mb:.0f} MB float32; us per call; NUQ then QSGD) ==")
+    totals: dict[tuple, float] = {}
+    for elems in (1024, 2048, 4096):
+        for warps in (4, 8):
+            T.ENCODE_ELEMS = T.DECODE_ELEMS = elems
+            T.ENCODE_WARPS = T.DECODE_WARPS = warps
+            cells = []
+            for cls in (H.NUQCompressor, H.QSGDCompressor):
+                comp = gpu_comp(cls, protocol="allgather", seed=1)
+                eng = comp._engine(backend_for(x), x)
+                eng.check_errors = False
+                nb, lay = -(-n // comp.scheme.bucket_size), comp._layout(1)
+                w, r = eng.scales(x, n)
+                codes, words = eng.encode_codes(w, r, _Keys()), eng.encode_sums(w, r, lay, _Keys())
+                stages = {"enc_codes": lambda e=eng, w=w, r=r: e.encode_codes(w, r, _Keys()),
+                          "enc_sums": lambda e=eng, w=w, r=r, lay=lay: e.encode_sums(w, r, lay, _Keys()),
+                          "dec_codes": lambda e=eng, c=codes, r=r, nb=nb: e.decode_codes(c, r, nb, None),
+                          "dec_sums": lambda e=eng, p=words, r=r, lay=lay, nb=nb: e.decode_sums(p, r, lay, nb)}
+                for stage, fn in stages.items():
+                    t = timed(fn, 10)
+                    cells.append(f"{stage}={t * 1e6:6.1f}")
+                    key = (stage[:3], elems, warps)
+                    totals[key] = totals.get(key, 0.0) + t
+                eng.check_errors = True
+            say(f"elems={elems:5d} warps={warps}: " + " ".join(cells))
+    enc = min((v, k) for k, v in totals.items() if k[0] == "enc")[1]
+    dec = min((v, k) for k, v in totals.items() if k[0] == "dec")[1]
+    T.ENCODE_ELEMS, T.ENCODE_WARPS, T.DECODE_ELEMS, T.DECODE_WARPS = enc[1], enc[2], dec[1], dec[2]
+    say(f"chosen: ENCODE_ELEMS={enc[1]} ENCODE_WARPS={enc[2]} DECODE_ELEMS={dec[1]} DECODE_WARPS={dec[2]}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="also write the report to DIR/gpu_check.txt")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--tune", action="store_true", help="try launch shapes first, time with the best")
     args = ap.parse_args()
     if not engines_cuda.available():
         print("gpu_check: triton is not installed; nothing to check")
@@ -308,6 +361,8 @@ def main() -> int:
     t0 = time.time()
     good = correctness(full=GPU)
     say(f"(correctness took {time.time() - t0:.0f} s)")
+    if args.tune:
+        tune(256 if GPU else 0.0625)
     if not args.skip_speed:
         speed([1, 16, 64, 256] if GPU else [0.0625])
     if args.out:

@@ -79,6 +79,35 @@ def test_triton_stages_match_the_c_kernels_bit_for_bit(cls, n, bucket):
                        cpu.decode_sums(reduced, rc, layout, nb))
 
 
+@pytest.mark.parametrize("cls", [H.QSGDCompressor, H.NUQCompressor], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("bits", [2, 3, 5, 6, 8])
+def test_triton_every_code_width_matches_the_c_kernels(cls, bits):
+    if cls is H.NUQCompressor and bits > 6:
+        pytest.skip("NUQSGD has at most 62 levels")
+    comp = cls(bits=bits, bucket_size=200)
+    tri, cpu = _pair(comp)
+    x = torch.from_numpy(_data(1001))
+    xg, _ = tri.scales(_on(x), 1001)
+    _, rc = cpu.scales(x, 1001)
+    nb = rc.numel()
+    codes_c = cpu.encode_codes(cpu.work(x), rc, _Key(3))
+    if DEV == "cpu":
+        assert torch.equal(tri.encode_codes(xg, _on(rc), _Key(3)), codes_c)
+    shifted = torch.zeros(codes_c.numel() + 1, dtype=torch.uint8)
+    shifted[1:] = codes_c  # a misaligned view, as inside a gathered payload
+    acc = tri.decode_codes(_on(shifted)[1:], _on(rc), nb, None, 0.25)
+    assert torch.equal(tri.finish_codes(acc, None, nb).cpu(), cpu.finish_codes(cpu.decode_codes(codes_c, rc, nb, None, 0.25), x, nb))
+    try:
+        layout = comp._layout(2)
+    except ValueError:  # too wide for summable words
+        return
+    words_c = cpu.encode_sums(cpu.work(x), rc, layout, _Key(4))
+    if DEV == "cpu":
+        assert torch.equal(tri.encode_sums(xg, _on(rc), layout, _Key(4)), words_c)
+    assert torch.equal(tri.decode_sums(_on(words_c * 2), _on(rc), layout, nb).cpu(),
+                       cpu.decode_sums(words_c * 2, rc, layout, nb))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
 def test_triton_reads_narrow_and_wide_floats_like_their_float32_cast(dtype):
     comp = H.NUQCompressor(bucket_size=256)
