@@ -7,7 +7,7 @@ decode_codes set (a code > 2k) once per decompress_gathered.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -52,15 +52,15 @@ class TritonEngine(GenericEngine):
 
     check_errors: read the decoders' error flags (one host sync each); benchmarks that time
     the kernels alone turn it off (flags then stay set until a checked read raises).
-    Launch shape: ENCODE_ELEMS / DECODE_ELEMS elements per program, with ENCODE_WARPS /
-    DECODE_WARPS warps (scripts/gpu_check.py --tune times alternatives).
+    SHAPES: per stage, (elements per program, warps, variant); variant only for decode_sums:
+    one program lane per element (False) or per word (True). scripts/gpu_check.py --tune
+    times alternatives on a GPU.
     """
 
     check_errors = True
-    ENCODE_ELEMS = 2048
-    DECODE_ELEMS = 2048
-    ENCODE_WARPS = 4
-    DECODE_WARPS = 4
+    SHAPES: ClassVar[dict[str, tuple[int, int, bool]]] = {
+        "encode_codes": (2048, 4, False), "encode_sums": (2048, 4, False),
+        "decode_codes": (1024, 4, False), "decode_sums": (1024, 4, False)}
 
     def __init__(self, xp: Any, scheme: Scheme, tables: codec.Tables) -> None:
         super().__init__(xp, scheme, tables)
@@ -76,6 +76,9 @@ class TritonEngine(GenericEngine):
         self._dev: dict[Any, dict[str, torch.Tensor]] = {}
         self._flags: dict[Any, torch.Tensor] = {}  # per device: [sums error bits, codes error bit]
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (r, 1 / r) of the last scales()
+        nums = scheme.levels.numerators
+        self._exp2 = not tables.uniform and nums == (0,) + tuple(1 << j for j in range(len(nums) - 1))
+        self.launched: dict[str, Any] = {}  # stage -> the compiled kernel it last ran (registers, spills)
 
     def _flag(self, like: torch.Tensor) -> torch.Tensor:
         """The device's two persistent error words (zeroed once; reset only after a raise)."""
@@ -103,7 +106,7 @@ class TritonEngine(GenericEngine):
         r, inv = buf[:nb], buf[nb:]
         chunk = min(triton_next_pow2(s.bucket_size), 1024)
         rows = max(1, 4096 // chunk)
-        self.tk.scales_kernel[(-(-nb // rows),)](
+        self.launched["scales"] = self.tk.scales_kernel[(-(-nb // rows),)](
             x, r, inv, numel, nb, float(s.truncation or 0.0), B=s.bucket_size, MODE=_SCALE_MODES[s.scale],
             ROWS=rows, CHUNK=chunk)
         self._last = (r, inv)
@@ -124,10 +127,11 @@ class TritonEngine(GenericEngine):
         inv = self._inverse(r)
         count = r.numel() * s.bucket_size
         out = torch.empty(wire.packed_code_bytes(count, s.code_bits), dtype=torch.uint8, device=x.device)
-        groups = self.ENCODE_ELEMS // 8
-        self.tk.encode_codes_kernel[(-(-count // (8 * groups)),)](
+        elems, warps, _ = self.SHAPES["encode_codes"]
+        groups = elems // 8
+        self.launched["encode_codes"] = self.tk.encode_codes_kernel[(-(-count // (8 * groups)),)](
             x, inv, self._t(x)["levels"], out, x.numel(), count, _salt(draws.key()), B=s.bucket_size,
-            K=t.k, UNIFORM=bool(t.uniform), BITS=s.code_bits, GROUPS=groups, num_warps=self.ENCODE_WARPS)
+            K=t.k, UNIFORM=bool(t.uniform), EXP2=self._exp2, BITS=s.code_bits, GROUPS=groups, num_warps=warps)
         return out
 
     def encode_sums(self, x: torch.Tensor, r: torch.Tensor, layout: wire.SumLayout, draws: Any) -> torch.Tensor:
@@ -137,12 +141,13 @@ class TritonEngine(GenericEngine):
         nw = layout.words(count)
         out = torch.empty(nw + 1, dtype=torch.float64, device=x.device)
         perp = triton_next_pow2(layout.per_word)
-        words = max(1, self.ENCODE_ELEMS // perp)
+        elems, warps, _ = self.SHAPES["encode_sums"]
+        words = max(1, elems // perp)
         tab = self._t(x)
-        self.tk.encode_sums_kernel[(max(1, -(-nw // words)),)](
+        self.launched["encode_sums"] = self.tk.encode_sums_kernel[(max(1, -(-nw // words)),)](
             x, inv, tab["levels"], tab["num"], out, x.numel(), count, nw, _salt(draws.key()), layout.bound,
-            B=s.bucket_size, K=t.k, UNIFORM=bool(t.uniform), WIDTH=layout.width, PER=layout.per_word,
-            PERP=perp, WORDS=words, num_warps=self.ENCODE_WARPS)
+            B=s.bucket_size, K=t.k, UNIFORM=bool(t.uniform), EXP2=self._exp2, WIDTH=layout.width, PER=layout.per_word,
+            PERP=perp, WORDS=words, num_warps=warps)
         return out
 
     def decode_sums(self, payload: torch.Tensor, r: torch.Tensor, layout: wire.SumLayout, nb: int) -> torch.Tensor:
@@ -157,10 +162,17 @@ class TritonEngine(GenericEngine):
         p = p.to(torch.float64).contiguous()
         out = torch.empty(count, dtype=torch.float32, device=p.device)
         flag = self._flag(p)
-        self.tk.decode_sums_kernel[(-(-count // self.DECODE_ELEMS),)](
-            p, r.contiguous(), out, flag, count, nw, layout.ranks, self.tables.denominator,
-            layout.bound * layout.ranks, B=bs, WIDTH=layout.width, PER=layout.per_word,
-            BLOCK=self.DECODE_ELEMS, num_warps=self.DECODE_WARPS)
+        elems, warps, per_word = self.SHAPES["decode_sums"]
+        args = (p, r.contiguous(), out, flag, count, nw, layout.ranks, self.tables.denominator,
+                layout.bound * layout.ranks)
+        if per_word:
+            perp = triton_next_pow2(layout.per_word)
+            words = max(1, elems // perp)
+            self.launched["decode_sums"] = self.tk.decode_sums_words_kernel[(max(1, -(-nw // words)),)](
+                *args, B=bs, WIDTH=layout.width, PER=layout.per_word, PERP=perp, WORDS=words, num_warps=warps)
+        else:
+            self.launched["decode_sums"] = self.tk.decode_sums_kernel[(-(-count // elems),)](
+                *args, B=bs, WIDTH=layout.width, PER=layout.per_word, BLOCK=elems, num_warps=warps)
         bad = int(flag[0].item()) if self.check_errors else 0  # the documented sync
         if bad:
             flag[0] = 0
@@ -183,10 +195,11 @@ class TritonEngine(GenericEngine):
         if s.code_bits in (2, 4) and c.data_ptr() % s.code_bits:  # read as int16 / int32 words
             c = c.clone()
         out = torch.empty(count, dtype=torch.float32, device=c.device) if acc is None else acc
-        self.tk.decode_codes_kernel[(max(1, -(-count // self.DECODE_ELEMS)),)](
+        elems, warps, _ = self.SHAPES["decode_codes"]
+        self.launched["decode_codes"] = self.tk.decode_codes_kernel[(max(1, -(-count // elems)),)](
             c, r.contiguous(), self._t(c)["tab"], out, self._flag(c)[1:], count, float(np.float32(scale)),
-            B=s.bucket_size, K=self.tables.k, BITS=s.code_bits, FIRST=acc is None, BLOCK=self.DECODE_ELEMS,
-            num_warps=self.DECODE_WARPS)
+            B=s.bucket_size, K=self.tables.k, BITS=s.code_bits, FIRST=acc is None, BLOCK=elems,
+            num_warps=warps)
         return out
 
     def finish_codes(self, acc: torch.Tensor, like: Any, nb: int) -> torch.Tensor:

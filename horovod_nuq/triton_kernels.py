@@ -30,10 +30,11 @@ def _draw(salt, i):
 
 @triton.jit
 def _quantize(x, inv, salt, idx, lv_ptr, num_ptr, K: tl.constexpr, UNIFORM: tl.constexpr,
-              NUM: tl.constexpr):
+              NUM: tl.constexpr, EXP2: tl.constexpr):
     """Signed level index and signed level numerator (NUM; else the index again) of x by
     stochastic rounding of |x| * inv (C: quant_uniform / quant_levels, same arithmetic).
-    Non-uniform levels: the bracketing levels are selected while counting, no table gathers."""
+    EXP2 (levels 0, 2^(1-k), .., 1/2, 1): the bracket from a's exponent bits. Other non-uniform
+    levels: the bracketing levels are selected while counting, no table gathers."""
     a = tl.abs(x) * inv
     a = tl.where(a < 1.0, a, 1.0)  # also maps NaN (r = inf) to the top level, as the C code does
     u = _draw(salt, idx.to(tl.uint32))
@@ -42,6 +43,16 @@ def _quantize(x, inv, salt, idx, lv_ptr, num_ptr, K: tl.constexpr, UNIFORM: tl.c
         j = tl.minimum(xk.to(tl.int32), K - 1)
         ident = j + (u < xk - j.to(tl.float32)).to(tl.int32)
         num = ident
+    elif EXP2:  # j = #{m in 1..k-1: a >= 2^(m-k)} = clamp(exponent(a) + k, 0, k - 1)
+        e = ((a.to(tl.int32, bitcast=True) >> 23) & 255) - 127
+        j = tl.minimum(tl.maximum(e + K, 0), K - 1)
+        l1 = ((j + 1 - K + 127) << 23).to(tl.float32, bitcast=True)  # 2^(j+1-k), exact
+        l0 = tl.where(j > 0, ((j - K + 127) << 23).to(tl.float32, bitcast=True), 0.0)
+        up = u * (l1 - l0) < a - l0
+        ident = j + up.to(tl.int32)
+        num = ident
+        if NUM:  # numerators 0, 1, 2, 4, .., 2^(k-1)
+            num = tl.where(ident > 0, 1 << tl.maximum(ident - 1, 0), 0)
     else:
         j = tl.zeros(x.shape, tl.int32)
         l0 = tl.zeros(x.shape, tl.float32)  # levels[0] = 0
@@ -114,8 +125,8 @@ def scales_kernel(x_ptr, r_ptr, inv_ptr, n, nb, trunc, B: tl.constexpr, MODE: tl
 
 @triton.jit(do_not_specialize=["n", "count", "salt"])
 def encode_codes_kernel(x_ptr, inv_ptr, lv_ptr, out_ptr, n, count, salt, B: tl.constexpr,
-                        K: tl.constexpr, UNIFORM: tl.constexpr, BITS: tl.constexpr,
-                        GROUPS: tl.constexpr):
+                        K: tl.constexpr, UNIFORM: tl.constexpr, EXP2: tl.constexpr,
+                        BITS: tl.constexpr, GROUPS: tl.constexpr):
     """Packed codes: 8 codes of BITS bits per BITS bytes, little-endian; code k past n."""
     g = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
     t = tl.arange(0, 8)
@@ -123,7 +134,8 @@ def encode_codes_kernel(x_ptr, inv_ptr, lv_ptr, out_ptr, n, count, salt, B: tl.c
     real = idx < n
     x = tl.load(x_ptr + idx, mask=real, other=0.0).to(tl.float32)
     inv = tl.load(inv_ptr + idx // B, mask=real, other=1.0)
-    sid, _ = _quantize(x, inv, salt.to(tl.uint32, bitcast=True), idx, lv_ptr, lv_ptr, K, UNIFORM, False)
+    sid, _ = _quantize(x, inv, salt.to(tl.uint32, bitcast=True), idx, lv_ptr, lv_ptr, K, UNIFORM, False,
+                       EXP2)
     c = tl.where(real, K + sid, K)
     groups = (count + 7) // 8
     gm = g < groups
@@ -144,7 +156,8 @@ def encode_codes_kernel(x_ptr, inv_ptr, lv_ptr, out_ptr, n, count, salt, B: tl.c
 
 @triton.jit(do_not_specialize=["n", "count", "nw", "salt", "bound"])
 def encode_sums_kernel(x_ptr, inv_ptr, lv_ptr, num_ptr, out_ptr, n, count, nw, salt, bound,
-                       B: tl.constexpr, K: tl.constexpr, UNIFORM: tl.constexpr, WIDTH: tl.constexpr,
+                       B: tl.constexpr, K: tl.constexpr, UNIFORM: tl.constexpr, EXP2: tl.constexpr,
+                       WIDTH: tl.constexpr,
                        PER: tl.constexpr, PERP: tl.constexpr, WORDS: tl.constexpr):
     """Summable words: PER fields bound + signed numerator, WIDTH bits each, per float64 word (0
     past count; bound past n), then the sentinel 1.0 at out[nw]."""
@@ -157,7 +170,7 @@ def encode_sums_kernel(x_ptr, inv_ptr, lv_ptr, num_ptr, out_ptr, n, count, nw, s
     x = tl.load(x_ptr + idx, mask=real, other=0.0).to(tl.float32)
     inv = tl.load(inv_ptr + idx // B, mask=real, other=1.0)
     _, snum = _quantize(x, inv, salt.to(tl.uint32, bitcast=True), idx, lv_ptr, num_ptr, K, UNIFORM,
-                        not UNIFORM)
+                        not UNIFORM, EXP2)
     f = tl.where(live, bound + tl.where(real, snum, 0), 0).to(tl.int64)
     word = tl.sum(f << (t * WIDTH).to(tl.int64)[None, :], axis=1)
     tl.store(out_ptr + w, word.to(tl.float64), mask=w < nw)
@@ -234,5 +247,41 @@ def decode_sums_kernel(p_ptr, r_ptr, out_ptr, flag_ptr, count, nw, ranks, denomi
         s = v - offset.to(tl.float32)
     else:
         s = (field - offset).to(tl.float32)
+    rb = tl.load(r_ptr + idx // B, mask=live, other=0.0) * scale
+    tl.store(out_ptr + idx, s * rb, mask=live)
+
+
+@triton.jit(do_not_specialize=["count", "nw", "ranks", "denominator", "offset"])
+def decode_sums_words_kernel(p_ptr, r_ptr, out_ptr, flag_ptr, count, nw, ranks, denominator, offset,
+                             B: tl.constexpr, WIDTH: tl.constexpr, PER: tl.constexpr,
+                             PERP: tl.constexpr, WORDS: tl.constexpr):
+    """decode_sums_kernel with the float64 checks once per word: a [words, fields] tile."""
+    pid = tl.program_id(0)
+    one = tl.arange(0, 1)
+    sent = tl.load(p_ptr + nw + one)
+    rk = ranks.to(tl.float64)
+    factor = tl.sum(rk / sent, axis=0)
+    scale = tl.sum((sent / rk / denominator.to(tl.float64)).to(tl.float32), axis=0)
+    bad_sent = ~((sent > 0.0) & ((sent - sent) == 0.0))
+    tl.atomic_or(flag_ptr + one, tl.full([1], 2, tl.int32), mask=bad_sent & ((one + pid) == 0))
+    w = pid * WORDS + tl.arange(0, WORDS)
+    wm = w < nw
+    y = tl.load(p_ptr + w, mask=wm, other=0.0) * factor
+    big = y >= MAGIC
+    shifted = y + MAGIC
+    ry = shifted - MAGIC
+    ok = tl.where(big, y < 2.0 * MAGIC, (ry >= 0.0) & (tl.abs(y - ry) < 0.25))
+    bits = tl.where(big, y, shifted).to(tl.int64, bitcast=True) & 0xFFFFFFFFFFFFF
+    bad = tl.sum((wm & ~ok).to(tl.int32), axis=0)
+    tl.atomic_or(flag_ptr + one, tl.full([1], 1, tl.int32), mask=(one + bad) > 0)
+    t = tl.arange(0, PERP)
+    field = (tl.where(ok, bits, 0)[:, None] >> (t * WIDTH).to(tl.int64)[None, :]) & ((1 << WIDTH) - 1)
+    if WIDTH <= 23:
+        v = (field.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        s = v - offset.to(tl.float32)
+    else:
+        s = (field - offset).to(tl.float32)
+    idx = w[:, None] * PER + t[None, :]
+    live = (t[None, :] < PER) & (idx < count)
     rb = tl.load(r_ptr + idx // B, mask=live, other=0.0) * scale
     tl.store(out_ptr + idx, s * rb, mask=live)

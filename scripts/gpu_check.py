@@ -220,7 +220,10 @@ def stage_breakdown(x, iters: int) -> None:
     say(f"   stage breakdown (NUQ, {4 * n / 2**20:.0f} MB float32): time, bytes moved / time")
     for name, fn, nbytes in rows:
         t = timed(fn, iters)
-        say(f"   {name:24s} {t * 1e6:9.1f} us {nbytes / t / 1e9:8.1f} GB/s")
+        k = eng.launched.get(name.split()[0])
+        regs = f"  {getattr(k, 'n_regs', '?')} registers, {getattr(k, 'n_spills', '?')} spills" if GPU else ""
+        say(f"   {name:24s} {t * 1e6:9.1f} us {nbytes / t / 1e9:8.1f} GB/s  host {host_time(fn, iters) * 1e6:5.1f} us"
+            + regs)
     eng.check_errors = True
 
 
@@ -307,39 +310,42 @@ def bench_size(mb: float) -> None:
 
 
 def tune(mb: float = 256) -> None:
-    """Time each stage kernel at a few launch shapes; keep the fastest for the speed table."""
+    """Time each stage kernel at a few launch shapes; keep each stage's fastest (summed over NUQ
+    and QSGD) for the speed table."""
     n = int(mb * 2**20) // 4
     x = torch.randn(n, device=DEV)
     T = engines_cuda.TritonEngine
-    say(f"== launch shapes ({mb:.0f} MB float32; us per call; NUQ then QSGD) ==")
-    totals: dict[tuple, float] = {}
-    for elems in (1024, 2048, 4096):
-        for warps in (4, 8):
-            T.ENCODE_ELEMS = T.DECODE_ELEMS = elems
-            T.ENCODE_WARPS = T.DECODE_WARPS = warps
-            cells = []
-            for cls in (H.NUQCompressor, H.QSGDCompressor):
-                comp = gpu_comp(cls, protocol="allgather", seed=1)
-                eng = comp._engine(backend_for(x), x)
-                eng.check_errors = False
-                nb, lay = -(-n // comp.scheme.bucket_size), comp._layout(1)
-                w, r = eng.scales(x, n)
-                codes, words = eng.encode_codes(w, r, _Keys()), eng.encode_sums(w, r, lay, _Keys())
-                stages = {"enc_codes": lambda e=eng, w=w, r=r: e.encode_codes(w, r, _Keys()),
-                          "enc_sums": lambda e=eng, w=w, r=r, lay=lay: e.encode_sums(w, r, lay, _Keys()),
-                          "dec_codes": lambda e=eng, c=codes, r=r, nb=nb: e.decode_codes(c, r, nb, None),
-                          "dec_sums": lambda e=eng, p=words, r=r, lay=lay, nb=nb: e.decode_sums(p, r, lay, nb)}
-                for stage, fn in stages.items():
-                    t = timed(fn, 10)
-                    cells.append(f"{stage}={t * 1e6:6.1f}")
-                    key = (stage[:3], elems, warps)
-                    totals[key] = totals.get(key, 0.0) + t
-                eng.check_errors = True
-            say(f"elems={elems:5d} warps={warps}: " + " ".join(cells))
-    enc = min((v, k) for k, v in totals.items() if k[0] == "enc")[1]
-    dec = min((v, k) for k, v in totals.items() if k[0] == "dec")[1]
-    T.ENCODE_ELEMS, T.ENCODE_WARPS, T.DECODE_ELEMS, T.DECODE_WARPS = enc[1], enc[2], dec[1], dec[2]
-    say(f"chosen: ENCODE_ELEMS={enc[1]} ENCODE_WARPS={enc[2]} DECODE_ELEMS={dec[1]} DECODE_WARPS={dec[2]}")
+    default = dict(T.SHAPES)
+    say(f"== launch shapes ({mb:.0f} MB float32; us per call; NUQ + QSGD) ==")
+    engs, engines = [], []
+    for cls in (H.NUQCompressor, H.QSGDCompressor):
+        comp = gpu_comp(cls, protocol="allgather", seed=1)
+        eng = comp._engine(backend_for(x), x)
+        eng.check_errors = False
+        engines.append(eng)
+        nb, lay = -(-n // comp.scheme.bucket_size), comp._layout(1)
+        w, r = eng.scales(x, n)
+        codes, words = eng.encode_codes(w, r, _Keys()), eng.encode_sums(w, r, lay, _Keys())
+        engs.append({"encode_codes": lambda e=eng, w=w, r=r: e.encode_codes(w, r, _Keys()),
+                     "encode_sums": lambda e=eng, w=w, r=r, lay=lay: e.encode_sums(w, r, lay, _Keys()),
+                     "decode_codes": lambda e=eng, c=codes, r=r, nb=nb: e.decode_codes(c, r, nb, None),
+                     "decode_sums": lambda e=eng, p=words, r=r, lay=lay, nb=nb: e.decode_sums(p, r, lay, nb)})
+    best = {}
+    for stage in default:
+        cells = []
+        for variant in ((False, True) if stage == "decode_sums" else (False,)):
+            for elems in (512, 1024, 2048, 4096):
+                for warps in (2, 4, 8):
+                    T.SHAPES = {**default, stage: (elems, warps, variant)}
+                    t = sum(timed(fns[stage], 10) for fns in engs)
+                    cells.append(f"{elems}/{warps}{'/w' if variant else ''}={t * 1e6:.0f}")
+                    if stage not in best or t < best[stage][0]:
+                        best[stage] = (t, (elems, warps, variant))
+        say(f"{stage:13s} " + " ".join(cells))
+    T.SHAPES = {stage: shape for stage, (_, shape) in best.items()}
+    say(f"chosen: {T.SHAPES}")
+    for eng in engines:
+        eng.check_errors = True
 
 
 def main() -> int:

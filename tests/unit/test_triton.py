@@ -108,6 +108,23 @@ def test_triton_every_code_width_matches_the_c_kernels(cls, bits):
                        cpu.decode_sums(words_c * 2, rc, layout, nb))
 
 
+@pytest.mark.parametrize("per_word", [False, True])
+def test_triton_both_sum_decoders_match_the_c_kernels(per_word):
+    comp = H.TNQCompressor(bucket_size=100)
+    tri, cpu = _pair(comp)
+    tri.SHAPES = {**tri.SHAPES, "decode_sums": (256, 4, per_word)}
+    x = torch.from_numpy(_data(1500))
+    _, rc = cpu.scales(x, 1500)
+    layout = comp._layout(4)
+    words = cpu.encode_sums(cpu.work(x), rc, layout, _Key(8))
+    words[:-1] *= 1.3  # the words alone rescaled: not integers after undoing the sentinel's scale
+    with pytest.raises(ValueError, match="not integer"):
+        tri.decode_sums(_on(words), _on(rc), layout, rc.numel())
+    words = cpu.encode_sums(cpu.work(x), rc, layout, _Key(8)) * 2.5
+    assert torch.equal(tri.decode_sums(_on(words), _on(rc), layout, rc.numel()).cpu(),
+                       cpu.decode_sums(words, rc, layout, rc.numel()))
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
 def test_triton_reads_narrow_and_wide_floats_like_their_float32_cast(dtype):
     comp = H.NUQCompressor(bucket_size=256)
