@@ -59,8 +59,8 @@ class TritonEngine(GenericEngine):
 
     check_errors = True
     SHAPES: ClassVar[dict[str, tuple[int, int, bool]]] = {
-        "encode_codes": (2048, 4, False), "encode_sums": (2048, 4, False),
-        "decode_codes": (1024, 4, False), "decode_sums": (1024, 4, False)}
+        "encode_codes": (512, 2, False), "encode_sums": (2048, 4, False),  # --tune on an H200
+        "decode_codes": (1024, 4, False), "decode_sums": (1024, 2, True)}
 
     def __init__(self, xp: Any, scheme: Scheme, tables: codec.Tables) -> None:
         super().__init__(xp, scheme, tables)
