@@ -58,13 +58,16 @@ class TensorCodec:
                        codec.n_buckets(numel, self.scheme.bucket_size))
 
     def engine(self, xp: Backend, tensor: Any) -> engines.GenericEngine:
-        """The fused C kernels for host tensors when available (and fused is not False)."""
+        """The fused kernels when available (and fused is not False): C for host tensors,
+        Triton for torch CUDA tensors; else the generic codec."""
         lib = kernels.load() if self.fused is not False and xp.on_host(tensor) else None
         if lib is not None:
             cls = engines.GraphFusedEngine if xp.symbolic(tensor) else engines.FusedEngine
+        elif self.fused is not False and xp.name == "torch" and _cuda().usable(tensor):
+            cls = _cuda().TritonEngine
         elif self.fused:
-            raise RuntimeError("fused=True, but the fused CPU kernels cannot run here "
-                               "(tensor not in host memory, or no C compiler)")
+            raise RuntimeError("fused=True, but no fused kernels can run here (a host tensor "
+                               "without a C compiler, or a GPU tensor without triton)")
         else:
             cls = engines.GenericEngine
         key = (xp.name, cls)
@@ -160,6 +163,13 @@ class TensorCodec:
         xp = backend_for(payload)
         out = self.engine(xp, payload).decode_sums(payload, scale, layout, ctx.n_buckets)
         return codec.from_buckets(xp, out, ctx.numel, ctx.shape, ctx.dtype)
+
+
+def _cuda() -> Any:
+    """engines_cuda, imported on first use (it imports torch)."""
+    from . import engines_cuda
+
+    return engines_cuda
 
 
 class _Draws:
