@@ -19,10 +19,13 @@ python -m pytest tests/unit tests/launch -q -p no:cacheprovider --junitxml="$REP
 # One mpirun per framework and size. Rank 0 prints; the other ranks log to files that are
 # shown only when the run fails. `timeout` turns a hang into a failure.
 for np in $RANKS; do
-  for suite in test_torch_mpi test_reliability_mpi test_tf_mpi; do
+  for suite in test_torch_mpi test_reliability_mpi test_tf_mpi test_keras3_mpi; do
     echo "== $suite with $np ranks"
     log="$REPORTS/$suite.$np"
-    if ! timeout 900 mpirun -np "$np" bash -c '
+    # Keras 3 runs without the tf_keras switch that env.sh exports for the other suites
+    unset_legacy=()
+    [ "$suite" = test_keras3_mpi ] && unset_legacy=(-u TF_USE_LEGACY_KERAS)
+    if ! timeout 900 env "${unset_legacy[@]}" mpirun -np "$np" bash -c '
         r=${OMPI_COMM_WORLD_RANK:-0}
         args=(-m pytest "tests/parallel/'"$suite"'.py" -p no:cacheprovider -x --color=no)
         if [ "$r" = 0 ]; then exec python "${args[@]}" -q --junitxml="'"$log"'.xml" '"$*"'
