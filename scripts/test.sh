@@ -19,12 +19,12 @@ python -m pytest tests/unit tests/launch -q -p no:cacheprovider --junitxml="$REP
 # One mpirun per framework and size. Rank 0 prints; the other ranks log to files that are
 # shown only when the run fails. `timeout` turns a hang into a failure.
 for np in $RANKS; do
-  for suite in test_torch_mpi test_reliability_mpi test_tf_mpi test_keras3_mpi; do
+  for suite in test_torch_mpi test_reliability_mpi test_tf_mpi test_keras3_mpi test_keras3_torch_mpi; do
     echo "== $suite with $np ranks"
     log="$REPORTS/$suite.$np"
     # Keras 3 runs without the tf_keras switch that env.sh exports for the other suites
     unset_legacy=()
-    [ "$suite" = test_keras3_mpi ] && unset_legacy=(-u TF_USE_LEGACY_KERAS)
+    case $suite in test_keras3*) unset_legacy=(-u TF_USE_LEGACY_KERAS) ;; esac
     if ! timeout 900 env "${unset_legacy[@]}" mpirun -np "$np" bash -c '
         r=${OMPI_COMM_WORLD_RANK:-0}
         args=(-m pytest "tests/parallel/'"$suite"'.py" -p no:cacheprovider -x --color=no)

@@ -1,20 +1,26 @@
-"""Keras 3 (plain `keras`, TensorFlow backend) under real Horovod collectives:
-horovod_nuq.keras.DistributedOptimizer and its callbacks. Runs in its own mpirun, with
-TF_USE_LEGACY_KERAS unset (conftest.py sets it for the other suites; it is removed here
-before TensorFlow is imported), and never imports tf_keras.
+"""Keras 3 (plain `keras`) under real Horovod collectives: horovod_nuq.keras.DistributedOptimizer
+and its callbacks. Runs in its own mpirun, with TF_USE_LEGACY_KERAS unset (conftest.py sets it
+for the other suites; it is removed here before TensorFlow is imported), and never imports
+tf_keras. TensorFlow backend by default; test_keras3_torch_mpi.py reruns the backend-neutral
+tests on Keras' PyTorch backend over horovod.torch.
 """
 import os
 import sys
 
 os.environ.pop("TF_USE_LEGACY_KERAS", None)
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+BACKEND = os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np
 import pytest
 
-tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
-import horovod.tensorflow as hvd
+if BACKEND == "torch":
+    import horovod.torch as hvd
+    import torch
+    tf = None
+else:
+    tf = pytest.importorskip("tensorflow")
+    import horovod.tensorflow as hvd
 from harness import digest, rank_gradient
 
 import horovod_nuq.keras as nuqk
@@ -42,11 +48,22 @@ CASES = [(QSGDCompressor, "allreduce"), (QSGDCompressor, "allgather"),
          (TNQCompressor, "allreduce"), (TNQCompressor, "allgather"),
          (GlobalQSGDCompressor, "allreduce")]
 ids = lambda x: getattr(x, "__name__", x)
+tf_only = pytest.mark.skipif(tf is None, reason="TensorFlow backend only")
+
+
+def graph(fn):
+    """tf.function on the TensorFlow backend (the traced path), the function itself on torch."""
+    return tf.function(fn) if tf is not None else fn
+
+
+def tensor(x):
+    return keras.ops.convert_to_tensor(np.asarray(x))
 
 
 def all_same(x) -> bool:
     d = digest(np.asarray(x))
-    gathered = hvd.allgather(tf.constant(d[None, :])).numpy()
+    gathered = hvd.allgather(tf.constant(d[None, :]) if tf is not None
+                             else torch.from_numpy(d[None, :])).numpy()
     return bool((gathered == gathered[0]).all())
 
 
@@ -55,7 +72,7 @@ def flat(variables) -> np.ndarray:
 
 
 def test_runs_on_plain_keras3():
-    assert keras.__version__.startswith("3") and keras.backend.backend() == "tensorflow"
+    assert keras.__version__.startswith("3") and keras.backend.backend() == BACKEND
     assert "TF_USE_LEGACY_KERAS" not in os.environ
 
 
@@ -77,21 +94,21 @@ def test_one_step_fit_averages(compression):
 
 
 def _apply_once(opt, grads_np, var):
-    opt.apply([tf.constant(grads_np)], [var])
+    opt.apply([tensor(grads_np)], [var])
     return np.asarray(var.numpy())
 
 
-def test_sum_and_custom_loop_graph():
+def test_sum_and_custom_loop():
     """op=Sum in a tf.function custom loop: w = -lr * sum over ranks of g."""
     var = keras.Variable(np.zeros(5, np.float32))
     opt = nuqk.DistributedOptimizer(keras.optimizers.SGD(0.5), op=hvd.Sum)
     g = np.full(5, RANK + 1.0, np.float32)
 
-    @tf.function
+    @graph
     def step(x):
         opt.apply_gradients([(x, var)])
 
-    step(tf.constant(g))
+    step(tensor(g))
     np.testing.assert_allclose(var.numpy(), -0.5 * np.full(5, N * (N + 1) / 2), rtol=1e-6)
 
 
@@ -211,13 +228,13 @@ def test_backward_passes_per_step():
     opt = nuqk.DistributedOptimizer(sgd, backward_passes_per_step=2, compression=NUQCompressor(seed=2))
     g1, g2 = np.full(4, RANK + 1.0, np.float32), np.full(4, 2.0 * (RANK + 1), np.float32)
 
-    @tf.function
+    @graph
     def step(x):
         opt.apply([x], [var])
 
-    step(tf.constant(g1))
+    step(tensor(g1))
     np.testing.assert_array_equal(var.numpy(), 0.0)
-    step(tf.constant(g2))
+    step(tensor(g2))
     np.testing.assert_allclose(var.numpy(), -0.1 * 3 * np.mean(np.arange(1, N + 1)), rtol=1e-5)
     assert int(sgd.iterations.numpy()) == 1 and len(opt.compression.stats.steps) == 1
 
@@ -229,6 +246,7 @@ def mixed_policy():
     keras.mixed_precision.set_dtype_policy("float32")
 
 
+@tf_only
 @pytest.mark.parametrize("cls", [NUQCompressor], ids=ids)
 def test_mixed_precision_fit(mixed_policy, cls):
     """LossScaleOptimizer inside the wrapper: compile keeps it (no second wrapper), the still
@@ -262,17 +280,17 @@ def test_non_finite_on_one_rank_skips_everywhere(compression):
     lso = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(1.0), initial_scale=4.0)
     opt = nuqk.DistributedOptimizer(lso, compression=comp)
 
-    @tf.function
+    @graph
     def step(x):
         opt.apply([x], [var])
 
     bad = np.full(8, 4.0, np.float32)
     if RANK == 1 % N:
         bad[3] = np.inf
-    step(tf.constant(bad))
+    step(tensor(bad))
     np.testing.assert_array_equal(var.numpy(), 0.0)
     assert float(lso.dynamic_scale.numpy()) == 2.0
-    step(tf.constant(np.full(8, 2.0 * (RANK + 1), np.float32)))  # scaled by 2: unscaled rank+1
+    step(tensor(np.full(8, 2.0 * (RANK + 1), np.float32)))  # scaled by 2: unscaled rank+1
     want = -np.mean(np.arange(1, N + 1))
     if comp is None:
         np.testing.assert_allclose(var.numpy(), want, rtol=1e-5)
