@@ -2,6 +2,7 @@
 
     python examples/compare.py                              # pytorch, 2 ranks -> results/
     python examples/compare.py --framework tensorflow --epochs 10   # -> results/tensorflow/
+    python examples/compare.py --framework keras3                   # Keras 3 -> results/keras3/
     python examples/compare.py --schemes none,fp16,nuq --protocol allgather --out /tmp/cmp
 
 Each run is `mpirun -np N <this python> examples/<framework>_digits.py --compression C
