@@ -2,6 +2,7 @@
 
     python examples/compare.py                              # pytorch, 2 ranks -> results/
     python examples/compare.py --framework tensorflow --epochs 10   # -> results/tensorflow/
+    python examples/compare.py --framework keras3                   # Keras 3 -> results/keras3/
     python examples/compare.py --schemes none,fp16,nuq --protocol allgather --out /tmp/cmp
 
 Each run is `mpirun -np N <this python> examples/<framework>_digits.py --compression C
@@ -30,7 +31,7 @@ sys.path.insert(0, HERE)
 import common
 
 SCRIPTS = {"pytorch": "pytorch_digits.py", "tensorflow": "tensorflow2_digits.py",
-           "keras": "keras_digits.py"}
+           "keras": "keras_digits.py", "keras3": "keras3_digits.py"}
 BAR_POINTS = 1.0  # a scheme "meets the bar" within this many accuracy points of none, with fewer bytes
 
 
@@ -100,7 +101,10 @@ def run_one(args: argparse.Namespace, compression: str, logdir: str) -> dict | N
         os.remove(log_json)
     t0 = time.perf_counter()
     # own session: on timeout the launcher and its ranks are stopped together
-    proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=subprocess.PIPE,
+    env = os.environ.copy()
+    if args.framework == "keras3":  # plain Keras 3: no tf_keras switch (env.sh exports it)
+        env.pop("TF_USE_LEGACY_KERAS", None)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=args.timeout)

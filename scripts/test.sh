@@ -19,12 +19,15 @@ python -m pytest tests/unit tests/launch -q -p no:cacheprovider --junitxml="$REP
 # One mpirun per framework and size. Rank 0 prints; the other ranks log to files that are
 # shown only when the run fails. `timeout` turns a hang into a failure.
 for np in $RANKS; do
-  for suite in test_torch_mpi test_reliability_mpi test_tf_mpi; do
+  for suite in test_torch_mpi test_reliability_mpi test_tf_mpi test_keras3_mpi test_keras3_torch_mpi; do
     echo "== $suite with $np ranks"
     log="$REPORTS/$suite.$np"
-    # the reliability suite runs the fused kernels with 2 OpenMP threads (env.sh sets 1)
+    # the reliability suite runs the fused kernels with 2 OpenMP threads (env.sh sets 1);
+    # Keras 3 runs without the tf_keras switch that env.sh exports for the other suites
     threads=$OMP_NUM_THREADS; [ "$suite" = test_reliability_mpi ] && threads=2
-    if ! OMP_NUM_THREADS=$threads timeout 900 mpirun -np "$np" bash -c '
+    unset_legacy=()
+    case $suite in test_keras3*) unset_legacy=(-u TF_USE_LEGACY_KERAS) ;; esac
+    if ! OMP_NUM_THREADS=$threads timeout 900 env "${unset_legacy[@]}" mpirun -np "$np" bash -c '
         r=${OMPI_COMM_WORLD_RANK:-0}
         args=(-m pytest "tests/parallel/'"$suite"'.py" -p no:cacheprovider -x --color=no)
         if [ "$r" = 0 ]; then exec python "${args[@]}" -q --junitxml="'"$log"'.xml" '"$*"'
