@@ -98,8 +98,9 @@ def check_values(tag: str) -> None:
 
 
 def check_streams(tag: str) -> None:
-    """Same seed and same input on every rank, yet uncorrelated rounding errors (each rank's
-    stream is keyed by its current rank, also after the rank changed in a reset)."""
+    """Same seed and same input on every rank, yet uncorrelated rounding errors: streams are
+    keyed by rank, for the workers that keep their compressor through a resize as for those
+    that join with a fresh one."""
     size = hvd.size()
     d = 20000
     g = torch.randn(d, generator=torch.Generator().manual_seed(3))

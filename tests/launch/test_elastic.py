@@ -87,6 +87,8 @@ def test_elastic_run_follows_world_size(tmp_path, compressor):
     sizes = [s["size"] for s in steps]
     assert sizes == [n for n in [2] + SCHEDULE for _ in range(PHASE_STEPS)], sizes
     assert len(set(sizes)) >= 2
+    first, last = (sum(s["loss"] for s in part) / PHASE_STEPS for part in (steps[:PHASE_STEPS], steps[-PHASE_STEPS:]))
+    assert last < 0.9 * first, f"training did not progress: loss {first:.3f} -> {last:.3f}"
     for s in steps:  # the bytes handed to Horovod follow the byte model of the current size
         assert s["sent"] == s["expected"], s
     protocols = {s["size"]: s["protocol"] for s in steps}
@@ -109,4 +111,5 @@ def test_elastic_run_follows_world_size(tmp_path, compressor):
     final = SCHEDULE[-1]
     assert passed("weights", final) == final and passed("finished", final) == final, checks
     print(f"{compressor}: sizes {sorted(set(sizes))} over {total} steps, per-step bytes {by_size}, "
-          f"protocols {protocols}, {out.count('reset workers')} resets, {took:.1f}s")
+          f"protocols {protocols}, loss {first:.2f} -> {last:.2f}, {out.count('reset workers')} resets, "
+          f"{took:.1f}s")
