@@ -14,6 +14,8 @@ Rank 0 prints one JSON line per step (`STEP {...}`); every rank prints `CHECK <n
   rank (each time the ranks enter the training function, i.e. in every new world);
 - streams: with the same input and seed on every rank, the ranks' rounding errors are
   uncorrelated (likewise, in every world of 2+ ranks);
+With `--fail-step`, rank 0 also fails once in the middle of a step (a HorovodInternalError
+after backward): the operations the compressor started are abandoned and the step is retried.
 - slots: after every step no horovod_nuq operation is left in flight (named slots freed);
 - weights: at the end, every rank holds bit-identical weights (allgather of a digest).
 """
@@ -41,6 +43,8 @@ parser.add_argument("--hosts-file", required=True, help="file the discovery scri
 parser.add_argument("--schedule", default="3,1,2", help="slot counts rank 0 writes, one per phase end")
 parser.add_argument("--phase-steps", type=int, default=3, help="training steps per world")
 parser.add_argument("--compressor", default="nuq-auto", choices=["nuq-auto", "qsgd-allreduce"])
+parser.add_argument("--fail-step", type=int, default=-1,
+                    help="rank 0 raises HorovodInternalError once, mid-step (gradients in flight), at this step")
 parser.add_argument("--discovery-wait", type=float, default=30.0,
                     help="seconds rank 0 waits for the driver to announce a host change")
 args = parser.parse_args()
@@ -58,6 +62,7 @@ optimizer = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05
                                      named_parameters=model.named_parameters(), compression=comp)
 TRUE_W = torch.randn(4, 300, generator=torch.Generator().manual_seed(1)) / 10
 failures: list[str] = []
+injected: list[int] = []  # the step at which rank 0 injected its failure (once per process)
 
 
 def check(name: str, ok: bool, detail: str) -> None:
@@ -138,6 +143,12 @@ def _train(state: hvd.elastic.TorchState) -> None:
         optimizer.zero_grad()
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
+        if state.batch == args.fail_step and rank == 0 and not injected:
+            # the other ranks' collectives fail once rank 0 shuts down; everyone restores the
+            # last commit and retries this step in a new Horovod session, and every operation
+            # the compressor started in this one (its backward hooks ran) is abandoned
+            injected.append(state.batch)
+            raise HorovodInternalError(f"injected mid-step failure at step {state.batch}")
         optimizer.step()
         sent = comp.stats.mark_step()
         busy = {f"{kind}.{numel}": sorted(slots) for (kind, numel), slots in COLLECTIVES.in_flight.items()
