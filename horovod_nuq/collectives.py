@@ -32,7 +32,7 @@ class LocalCollectives:
     def gather_text(self, text: str, process_set: Any = None) -> list:
         return [text]
 
-    def allreduce_max(self, x: Any, process_set: Any = None) -> Any:
+    def allreduce_max(self, x: Any, process_set: Any = None, name: str | None = None) -> Any:
         return x
 
     def allgather_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
@@ -80,14 +80,18 @@ class HorovodCollectives(LocalCollectives):
         return process_set.size() if process_set is not None else self.hvd.size()
 
     def gather_text(self, text: str, process_set: Any = None) -> list:
-        """Every rank's `text`, in rank order (for error messages that name each rank's settings)."""
-        return self.hvd.allgather_object(text, **_ps(process_set))
+        """Every rank's `text`, in rank order (for error messages that name each rank's
+        settings). Horovod gathers objects over all ranks only: within a smaller process set
+        only this rank's text is known."""
+        if getattr(process_set, "process_set_id", 0) != 0:
+            return [f"{text} (this rank; the others of the process set are not gathered)"]
+        return self.hvd.allgather_object(text)
 
-    def allreduce_max(self, x: Any, process_set: Any = None) -> Any:
-        """Synchronous Max allreduce. With stable_names, a name that depends only on the size:
-        it is never in flight twice (one tensor at a time) and stays in Horovod's response
-        cache from step to step (unnamed calls get a new name each time and evict it)."""
-        name = f"horovod_nuq.scale.{_numel(x)}" if self.stable_names else None
+    def allreduce_max(self, x: Any, process_set: Any = None, name: str | None = None) -> Any:
+        """Synchronous Max allreduce. With stable_names, `name` or one that depends only on the
+        size: it is never in flight twice (one tensor at a time) and stays in Horovod's
+        response cache from step to step (unnamed calls get a new name each time and evict it)."""
+        name = (name or f"horovod_nuq.scale.{_numel(x)}") if self.stable_names else None
         return self.hvd.allreduce(x, op=self.hvd.Max, name=name, **_ps(process_set))
 
     def allgather_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:

@@ -127,8 +127,10 @@ class Compressor:
             return []
         xp = self.codec.frontend(tensors[0])
         local = [self.codec.local_scales(t)[4] for t in tensors]
+        # one name whatever the sizes: ranks that pass different tensor lists get Horovod's
+        # shape-mismatch error instead of waiting for each other under different names
         agreed = transports.agree(self.codec, self._coll(xp), xp, xp.concat(local),
-                                  self._process_set(None), repr(self))
+                                  self._process_set(None), repr(self), "horovod_nuq.step_scales")
         self.stats.record_overhead(8)  # the two config ids (float32) that ride along
         return list(xp.split(agreed, [xp.shape(r)[0] for r in local]))
 

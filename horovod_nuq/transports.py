@@ -97,11 +97,12 @@ class Summable:
         return codec.decode_sums(payload, ctx.scale, ctx.layout, ctx.tensor)
 
 
-def agree(codec: TensorCodec, coll: Any, xp: Any, r: Any, process_set: Any, describe: str) -> Any:
+def agree(codec: TensorCodec, coll: Any, xp: Any, r: Any, process_set: Any, describe: str,
+          name: str | None = None) -> Any:
     """Max over ranks of the per-bucket scales, plus a check that all ranks share one config."""
     cid = codec.settings_id(None)
     agreed = coll.allreduce_max(xp.concat([r, xp.constant(np.array([cid, -cid], np.float32), r)]),
-                                process_set)
+                                process_set, name)
     nb = xp.shape(r)[0]
     r, ids = xp.split(agreed, [nb, 2])
     # ids = [max_i id_i, -min_i id_i]: they cancel exactly when every rank has the same id

@@ -355,9 +355,9 @@ def test_allreduce_protocol_agrees_once_per_step(cls):
     calls = []
 
     class Counting(type(COLLECTIVES)):
-        def allreduce_max(self, x, process_set=None):
+        def allreduce_max(self, x, process_set=None, name=None):
             calls.append(1)
-            return super().allreduce_max(x, process_set)
+            return super().allreduce_max(x, process_set, name)
 
     comp = cls(seed=1, protocol="allreduce", collectives=Counting(hvd, stable_names=True))
     losses, flat = _train(lambda o, ps: nuq.DistributedOptimizer(o, named_parameters=ps, compression=comp))

@@ -177,7 +177,7 @@ class _FakeCollectives(collectives.LocalCollectives):
     def size(self, process_set=None):
         return self._ranks
 
-    def allreduce_max(self, x, process_set=None):
+    def allreduce_max(self, x, process_set=None, name=None):
         return self._agreed
 
     def gather_text(self, text, process_set=None):
