@@ -7,6 +7,7 @@
 """
 import sys
 
+from ._version import __version__ as __version__  # the one version source
 from .compressor import (
                          COMPRESSORS,
                          Compressor,
@@ -18,8 +19,6 @@ from .compressor import (
 )
 from .schemes import Scheme, make_scheme
 from .stats import WireStats
-
-__version__ = "0.1.0"
 
 if "tensorflow" in sys.modules:  # keep AutoGraph from converting the codec when TF traces it
     from .backends import tensorflow as _tf_backend  # noqa: F401
