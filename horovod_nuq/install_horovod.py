@@ -394,9 +394,15 @@ def _log(msg: str) -> None:
     print(f"==> [install_horovod] {msg}", flush=True)
 
 
-def _pip(*args: str, quiet: bool = True) -> None:
-    cmd = [sys.executable, "-m", "pip", "--disable-pip-version-check", *args] + (["-q"] if quiet else [])
-    subprocess.run(cmd, check=True)
+def _pip(*args: str) -> None:
+    """Run pip quietly in this environment, dropping its notes about unreachable index locations."""
+    r = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", *args],
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+    out = [line for line in r.stdout.splitlines() if "it is neither a file nor a directory" not in line]
+    if out:
+        print("\n".join(out), flush=True)
+    if r.returncode != 0:
+        raise subprocess.CalledProcessError(r.returncode, ["pip", *args])
 
 
 def _missing_build_requirements() -> list[str]:
