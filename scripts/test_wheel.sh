@@ -57,7 +57,9 @@ python -m venv --without-pip "$WORK/venv"
 VPY="$WORK/venv/bin/python"
 python -m pip --disable-pip-version-check --python "$VPY" install -q --no-deps --no-index "$wheel"
 site="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$site/zz_project_frameworks.pth"
+# every site-packages directory the project python sees (its own, and any it reaches through .pth files)
+python -c 'import sys; print("\n".join(p for p in sys.path if p.endswith("site-packages")))' \
+    > "$site/zz_project_frameworks.pth"
 
 cat > "$WORK/smoke.py" <<'PY'
 """2-rank training through horovod_nuq.torch.DistributedOptimizer; argv: package prefix, fused|generic."""
