@@ -443,7 +443,8 @@ def build_wheel(plan: Plan, cache: Path, jobs: int | None = None) -> Path:
             target = min(Path(plan.build_env["HOROVOD_NCCL_LIB"]).glob("libnccl.so*"))
             (shim / "libnccl.so").symlink_to(target)
             env["HOROVOD_NCCL_LIB"] = str(shim)
-        ncpu = str(jobs or os.cpu_count() or 1)
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        ncpu = str(jobs or usable or 1)  # like nproc: the CPUs this process may run on
         # Horovod's setup.py passes -j8 to make unless MAKEFLAGS is set
         env.update(MAKEFLAGS=f"-j{ncpu}", CMAKE_BUILD_PARALLEL_LEVEL=ncpu, TF_CPP_MIN_LOG_LEVEL="2")
         log = Path(tmp, "build.log")
