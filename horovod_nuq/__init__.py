@@ -7,6 +7,7 @@
 """
 import sys
 
+from ._version import __version__ as __version__  # the one version source
 from .compressor import (
                          COMPRESSORS,
                          Compressor,
@@ -19,8 +20,6 @@ from .compressor import (
 from .registration import install_import_hook
 from .schemes import Scheme, make_scheme
 from .stats import WireStats
-
-__version__ = "0.1.0"
 
 install_import_hook()  # hvd.Compression.<scheme> in every Horovod frontend, now or later
 

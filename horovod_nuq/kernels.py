@@ -1,8 +1,12 @@
 """Fused CPU kernels (csrc/nuq_kernels.c), compiled once per machine and loaded with ctypes.
 
-`load()` compiles the C source with the system C compiler (OpenMP if available) into
-~/.cache/horovod-nuq/kernels/ the first time (scripts/setup.sh does it at install time) and
-returns None when no compiler is available; callers then use the generic codec.
+The C source ships inside the package (wheel and sdist) and `load()` compiles it with the
+system C compiler (-march=native, OpenMP if available) into ~/.cache/horovod-nuq/kernels/ on
+first use (scripts/setup.sh does it at install time). Compiling on the user's machine rather
+than shipping a prebuilt extension keeps the wheel pure Python and gets each CPU's best code:
+-march=native measured as fast as a portable -mavx2 -mfma build and ~3x faster than the x86-64
+baseline (CHANGELOG 0.1.0). Without a compiler or the source, `load()` warns once and returns
+None; callers then use the generic codec. HOROVOD_NUQ_KERNELS=0 turns the kernels off silently.
 """
 from __future__ import annotations
 
@@ -33,28 +37,42 @@ _SIGNATURES = {
     "nuq_decode_sums": (_int, [_D, _i64, _i64, _f64, _int, _int, _i64, _F, _f32, _F]),
 }
 
+# Compiler flag sets, best first: the first one the compiler accepts is used.
+_FLAG_LADDER = (["-march=native", "-fopenmp"], ["-fopenmp"], [])
+
+
+class KernelsUnavailable(RuntimeError):
+    """The fused kernels cannot be built or loaded here (the message says why)."""
+
 
 def _cache_dir() -> Path:
     root = os.environ.get("HOROVOD_NUQ_CACHE") or os.path.join(Path.home(), ".cache", "horovod-nuq")
     return Path(root) / "kernels"
 
 
-def _compile(target: Path) -> None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+def _find_compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if not cc:
-        raise RuntimeError("no C compiler found (set CC)")
+        raise KernelsUnavailable("no C compiler found; install gcc or set CC")
+    if shutil.which(cc) is None:
+        raise KernelsUnavailable(f"C compiler {cc!r} (from CC) not found")
+    return cc
+
+
+def _compile(target: Path) -> None:
+    cc = _find_compiler()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         base = [cc, "-O3", "-fno-trapping-math", "-fno-math-errno", "-shared", "-fPIC", str(SOURCE),
                 "-o", str(out), "-lm"]
-        for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], []):  # best first
-            try:
-                subprocess.run(base[:2] + extra + base[2:], check=True, capture_output=True)
+        for extra in _FLAG_LADDER:
+            r = subprocess.run(base[:2] + extra + base[2:], capture_output=True, text=True, check=False)
+            if r.returncode == 0:
                 break
-            except subprocess.CalledProcessError:
-                if not extra:
-                    raise
+        else:
+            last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise KernelsUnavailable(f"{cc} could not compile {SOURCE.name}: {last}")
         os.replace(out, target)  # atomic: concurrent ranks never load a half-written file
 
 
@@ -66,28 +84,36 @@ def _cpu_flags() -> bytes:
         return b""
 
 
+def _build_and_load() -> ctypes.CDLL:
+    try:
+        source = SOURCE.read_bytes()
+    except OSError as e:
+        raise KernelsUnavailable(f"C source missing ({SOURCE}: {e.strerror})") from e
+    # built with -march=native: the cache key includes this machine's CPU features
+    digest = hashlib.sha256(source + _cpu_flags()).hexdigest()[:16]
+    path = _cache_dir() / f"nuq_kernels_{digest}.so"
+    if not path.exists():
+        _compile(path)
+    lib = ctypes.CDLL(str(path))
+    for name, (res, args) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+    return lib
+
+
 def load() -> ctypes.CDLL | None:
-    """The kernel library, compiling it on first use; None if that is impossible."""
+    """The kernel library, compiling it on first use; None (after one warning) if impossible."""
     global _lib
     if _lib is not False:
         return _lib
     if os.environ.get("HOROVOD_NUQ_KERNELS", "1") == "0":
         _lib = None
         return None
-    # built with -march=native: the cache key includes this machine's CPU features
-    digest = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags()).hexdigest()[:16]
-    path = _cache_dir() / f"nuq_kernels_{digest}.so"
     try:
-        if not path.exists():
-            _compile(path)
-        lib = ctypes.CDLL(str(path))
-        for name, (res, args) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = res, args
-        _lib = lib
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-        warnings.warn(f"horovod_nuq: fused CPU kernels unavailable ({e}); using the generic codec",
-                      RuntimeWarning, stacklevel=2)
+        _lib = _build_and_load()
+    except (OSError, KernelsUnavailable, AttributeError) as e:
+        warnings.warn(f"horovod_nuq: fused CPU kernels unavailable ({e}); using the generic codec, "
+                      "which is much slower", RuntimeWarning, stacklevel=2)
         _lib = None
     return _lib
 

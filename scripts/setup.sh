@@ -4,11 +4,13 @@
 #   1. apt: Open MPI + build tools (skipped when already installed)
 #   2. a venv at <repo>/.venv
 #   3. pinned Python deps: torch 2.13.0 (CPU), tensorflow-cpu 2.21.0, ...
-#   4. Horovod 0.28.1 built from the PyPI sdist with small local patches so it
-#      compiles against torch >= 2.1 and TensorFlow >= 2.18; the built wheel is
-#      cached in ${HOROVOD_NUQ_CACHE:-$HOME/.cache/horovod-nuq}/wheels
-#   5. this repo installed editable
-#   6. `horovodrun --check-build` must show TensorFlow, PyTorch, MPI and Gloo
+#   4. this repo installed editable
+#   5. Horovod 0.28.1 built from the PyPI sdist by `python -m horovod_nuq.install_horovod`
+#      (the same command users run after `pip install horovod-nuq`): it applies the
+#      patches these torch / TensorFlow versions need, caches the built wheel in
+#      ${HOROVOD_NUQ_CACHE:-$HOME/.cache/horovod-nuq}/wheels/<key>, installs it and
+#      prints `horovodrun --check-build`, which must show TensorFlow, PyTorch, MPI, Gloo
+#   6. the fused CPU kernels compiled
 #
 # Idempotent: a warm run (everything already in place) takes seconds.
 # Use it as:  bash scripts/setup.sh && source scripts/env.sh
@@ -16,9 +18,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO/.venv"
-CACHE="${HOROVOD_NUQ_CACHE:-$HOME/.cache/horovod-nuq}"
 
-HOROVOD_VERSION=0.28.1
 TORCH_VERSION=2.13.0      # CPU wheel; pip finds it in /opt/wheels (pip's find-links)
 TF_VERSION=2.21.0
 
@@ -64,6 +64,7 @@ pip_quiet() { "${PIP[@]}" "$@" 2>&1 | { grep -v "is ignored: it is neither a fil
 # ---------------------------------------------------------------------------
 # numpy 2.4.x satisfies tensorflow 2.21 (numpy>=1.26) and torch 2.13.
 # setuptools/wheel/packaging/cffi: needed to build Horovod without isolation.
+# build: scripts/test_wheel.sh builds this package's sdist and wheel with it.
 # cloudpickle/psutil/pyyaml/packaging: Horovod's runtime deps (we install its
 # wheel with --no-deps).
 PINS=(
@@ -83,6 +84,7 @@ PINS=(
     "cffi==2.1.1"
     "setuptools==84.2.1"
     "wheel==0.48.0"
+    "build==1.6.1"
 )
 # tf_keras depends on the `tensorflow` wheel, which would be installed on top
 # of tensorflow-cpu's files (same package dir, CUDA-enabled build that prints
@@ -97,113 +99,17 @@ else
     log "pip install ${PINS[*]} (+ --no-deps ${NODEPS_PINS[*]})"
     pip_quiet install -q "${PINS[@]}"
     pip_quiet install -q --no-deps "${NODEPS_PINS[@]}"
-    rm -f "$VENV"/.horovod-nuq-deps-*
+    rm -f "$VENV"/.horovod-nuq-deps-* "$VENV"/.horovod-nuq-check-*  # new deps: check Horovod again
     touch "$deps_marker"
 fi
 
 # ---------------------------------------------------------------------------
-# 4. Horovod from source, patched, cached as a wheel
+# 4. This repo, editable (it provides the Horovod build command used next)
 # ---------------------------------------------------------------------------
-# Patches for the Horovod 0.28.1 sdist.  Run inside the unpacked sdist.
-# (The function body is part of the cache key: editing it rebuilds.)
-patch_horovod() {
-    # (a) torch >= 2.1 headers need C++17 ("C++17 or later compatible compiler
-    #     is required").  Horovod 0.28.1 sets C++14 globally and again for
-    #     its PyTorch extension.
-    sed -i 's/^set(CMAKE_CXX_STANDARD 14)$/set(CMAKE_CXX_STANDARD 17)/' CMakeLists.txt
-    sed -i 's/^\( *\)set(CMAKE_CXX_STANDARD 14)$/\1set(CMAKE_CXX_STANDARD 17)/' horovod/torch/CMakeLists.txt
-    # (b) Bundled Gloo hard-codes -std=c++11.  Mixing it with the C++17 gloo
-    #     copy Horovod makes for TF gives "multiple definition of
-    #     gloo::rendezvous::Store::kDefaultTimeout" (a static constexpr member
-    #     is an inline definition in C++17 but a strong one in C++11).
-    sed -i 's/-std=c++11 -fPIC/-std=c++17 -fPIC/' third_party/gloo/CMakeLists.txt
-    # (c) TensorFlow >= 2.18 wheels no longer ship highwayhash headers that
-    #     xla_mpi_ops.cc includes; drop the XLA ops (not needed on CPU).
-    sed -i '/xla_mpi_ops\.cc/d' horovod/tensorflow/CMakeLists.txt
-    # (d) Build 'Release' (-O3) instead of 'RelWithDebInfo' (-O3 -g): same
-    #     code, but a faster compile and a much smaller wheel.
-    sed -i "s/else 'RelWithDebInfo'/else 'Release'/" setup.py
-    # (e) Horovod's tf.keras frontend imports `keras.backend`, which is Keras 3
-    #     beside TF >= 2.16, so its callbacks crash (MetricAverageCallback:
-    #     "keras.backend has no attribute constant").  Use the backend of the
-    #     Keras that tf.keras resolves to (tf_keras under TF_USE_LEGACY_KERAS=1).
-    sed -i 's/^    from keras import backend as K$/    from tensorflow.keras import backend as K/' \
-        horovod/tensorflow/keras/__init__.py horovod/tensorflow/keras/callbacks.py
-
-    # Fail loudly if the sdist ever changes under us and a patch misses.
-    grep -q '^set(CMAKE_CXX_STANDARD 17)$' CMakeLists.txt
-    grep -q 'set(CMAKE_CXX_STANDARD 17)' horovod/torch/CMakeLists.txt
-    ! grep -q 'set(CMAKE_CXX_STANDARD 14)' horovod/torch/CMakeLists.txt
-    grep -q -- '-std=c++17 -fPIC' third_party/gloo/CMakeLists.txt
-    ! grep -q 'xla_mpi_ops' horovod/tensorflow/CMakeLists.txt
-    grep -q "else 'Release'" setup.py
-    grep -q 'from tensorflow.keras import backend as K' horovod/tensorflow/keras/__init__.py
-    grep -q 'from tensorflow.keras import backend as K' horovod/tensorflow/keras/callbacks.py
-}
-
-py_tag="$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')"
-patch_key="$(declare -f patch_horovod | sha256sum | cut -c1-8)"
-wheel_key="horovod-${HOROVOD_VERSION}_torch-${TORCH_VERSION}_tf-${TF_VERSION}_${py_tag}_p${patch_key}"
-wheel_dir="$CACHE/wheels/$wheel_key"
-hvd_marker="$VENV/.horovod-nuq-hvd-$wheel_key"
-
-find_wheel() { compgen -G "$wheel_dir/horovod-${HOROVOD_VERSION}-*.whl" | head -n1 || true; }
-
-if [[ -f "$hvd_marker" ]]; then
-    log "horovod already installed from $wheel_key"
-else
-    wheel="$(find_wheel)"
-    if [[ -z "$wheel" ]]; then
-        log "building Horovod ${HOROVOD_VERSION} (takes ~4 min on 2 cores)"
-        build_root="$(mktemp -d "${TMPDIR:-/tmp}/horovod-build.XXXXXX")"
-        trap 'rm -rf "$build_root"' EXIT
-        # The sdist itself is cached too.
-        sdist_dir="$CACHE/sdist"
-        mkdir -p "$sdist_dir"
-        sdist="$sdist_dir/horovod-${HOROVOD_VERSION}.tar.gz"
-        if [[ ! -f "$sdist" ]]; then
-            pip_quiet download -q --no-deps --no-binary :all: "horovod==${HOROVOD_VERSION}" -d "$sdist_dir"
-        fi
-        tar -xzf "$sdist" -C "$build_root"
-        (cd "$build_root/horovod-${HOROVOD_VERSION}" && patch_horovod)
-
-        ncpu="$(nproc)"
-        (
-            cd "$build_root/horovod-${HOROVOD_VERSION}"
-            export HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1
-            export HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1
-            # Horovod's setup.py passes -j8 to make unless MAKEFLAGS is set.
-            export MAKEFLAGS="-j${ncpu}" CMAKE_BUILD_PARALLEL_LEVEL="${ncpu}"
-            export TF_CPP_MIN_LOG_LEVEL=2
-            # Build against the venv's torch/TF (hence no build isolation).
-            "${PIP[@]}" wheel -v --no-build-isolation --no-deps . -w "$build_root/dist" \
-                > "$build_root/build.log" 2>&1 || {
-                    echo "Horovod build failed; last lines of the log:" >&2
-                    tail -n 60 "$build_root/build.log" >&2
-                    exit 1
-                }
-        )
-        mkdir -p "$wheel_dir"
-        cp "$build_root"/dist/horovod-"${HOROVOD_VERSION}"-*.whl "$wheel_dir/"
-        rm -rf "$build_root"
-        trap - EXIT
-        wheel="$(find_wheel)"
-    else
-        log "using cached Horovod wheel $wheel"
-    fi
-    log "installing $(basename "$wheel")"
-    pip_quiet install -q --no-deps --force-reinstall "$wheel"
-    rm -f "$VENV"/.horovod-nuq-hvd-*
-    touch "$hvd_marker"
-fi
-
-# ---------------------------------------------------------------------------
-# 5. This repo, editable
-# ---------------------------------------------------------------------------
-# The marker is keyed on setup.py's content so a change to it reinstalls.
-self_key="$(sha256sum "$REPO/setup.py" | cut -c1-16)"
+# The marker is keyed on pyproject.toml's content so a change to it reinstalls.
+self_key="$(sha256sum "$REPO/pyproject.toml" | cut -c1-16)"
 self_marker="$VENV/.horovod-nuq-self-$self_key"
-if [[ -f "$self_marker" ]] && "$PY" -c 'import horovod_nuq' 2>/dev/null; then
+if [[ -f "$self_marker" ]] && "$PY" -c 'import horovod_nuq.install_horovod' 2>/dev/null; then
     log "horovod_nuq already installed editable"
 else
     log "pip install -e $REPO"
@@ -212,40 +118,30 @@ else
     touch "$self_marker"
 fi
 
-# Compile the fused CPU kernels now (cached per source and CPU), not at the first step.
-"$PY" -c 'import horovod_nuq.kernels as k; lib = k.load(); print("fused CPU kernels:", "ready" if lib else "unavailable (generic codec)")'
-
 # ---------------------------------------------------------------------------
-# 6. Check the Horovod build
+# 5. Horovod from source, patched for these frameworks, cached as a wheel
 # ---------------------------------------------------------------------------
-# `horovodrun --check-build` imports each framework several times (~20 s), so
-# it runs once per (deps, horovod wheel) combination and its table is kept in
-# the venv; warm runs print that table and do a quick import check instead.
-# HOROVOD_NUQ_FULL_CHECK=1 forces the real check.
-check_marker="$VENV/.horovod-nuq-check-${deps_key}-${wheel_key}"
-if [[ -f "$check_marker" && "${HOROVOD_NUQ_FULL_CHECK:-0}" != 1 ]]; then
-    log "horovodrun --check-build (cached table; quick import check below)"
-    check="$(cat "$check_marker")"
-    echo "$check"
-    TF_CPP_MIN_LOG_LEVEL=2 "$PY" -c '
-import horovod.torch as ht, horovod.tensorflow as htf
-ok = ht.mpi_built() and ht.gloo_built() and htf.mpi_built() and htf.gloo_built()
-print("quick check: horovod.torch + horovod.tensorflow import, MPI+Gloo built:", ok)
-raise SystemExit(0 if ok else 1)'
-else
-    log "horovodrun --check-build"
-    check="$(TF_CPP_MIN_LOG_LEVEL=2 "$VENV/bin/horovodrun" --check-build 2>/dev/null)"
-    echo "$check"
-fi
+# python -m horovod_nuq.install_horovod --dry-run shows the detected versions, the patches
+# and the cache key. A warm run (wheel cached, installed, check table kept in the venv)
+# takes seconds; a cold build ~5 min on 2 cores. HOROVOD_NUQ_FULL_CHECK=1 forces the real
+# `horovodrun --check-build` (~20 s) instead of the cached table + a quick import check.
+# --no-deps: Horovod's runtime deps are pinned above.
+log "python -m horovod_nuq.install_horovod"
+check_out="$(mktemp)"
+trap 'rm -f "$check_out"' EXIT
+"$PY" -m horovod_nuq.install_horovod --no-deps | tee "$check_out"
 for want in TensorFlow PyTorch MPI Gloo; do
-    if ! grep -q "\[X\] $want" <<<"$check"; then
+    if ! grep -q "\[X\] $want" "$check_out"; then
         echo "ERROR: Horovod was built without $want support" >&2
-        rm -f "$check_marker"
+        rm -f "$VENV"/.horovod-nuq-check-*
         exit 1
     fi
 done
-rm -f "$VENV"/.horovod-nuq-check-*
-printf '%s\n' "$check" > "$check_marker"
+
+# ---------------------------------------------------------------------------
+# 6. The fused CPU kernels: compile now (cached per source and CPU), not at the first step
+# ---------------------------------------------------------------------------
+"$PY" -c 'import horovod_nuq.kernels as k; lib = k.load(); print("fused CPU kernels:", "ready" if lib else "unavailable (generic codec)")'
 
 log "done. Now:  source scripts/env.sh"
 if [[ $(id -u) -eq 0 ]]; then

@@ -16,6 +16,8 @@ ruff check horovod_nuq tests examples scripts || status=1
 echo "== unit and launcher tests (single process)"
 python -m pytest tests/unit tests/launch -q -p no:cacheprovider --junitxml="$REPORTS/unit.xml" "$@" || status=1
 
+echo "== wheel: build, fresh venv, 2-rank smoke from outside the repo"; bash scripts/test_wheel.sh || status=1
+
 # One mpirun per framework and size. Rank 0 prints; the other ranks log to files that are
 # shown only when the run fails. `timeout` turns a hang into a failure.
 for np in $RANKS; do
