@@ -8,9 +8,13 @@ package from the working directory first; the script checks that it does). The r
 a markdown table: mutant, file, caught or not, the first failing tests.
 
     python scripts/mutation_check.py                 # all mutants, unit suite (-x)
+    python scripts/mutation_check.py --all           # unit suite without -x: every failing test
     python scripts/mutation_check.py --full          # bash scripts/test.sh (MPI suites too)
     python scripts/mutation_check.py --mutant generic-sum-as-average --mutant ...
+    python scripts/mutation_check.py --cmd "python -m pytest tests/unit/test_kernel_bits.py -q"
     python scripts/mutation_check.py --list
+
+The exit status is 1 when some mutant survives.
 
 An edit whose old text is not found exactly once stops the script before anything runs:
 the code moved, so the pattern must be updated (never silently skipped). Run it from the
@@ -116,9 +120,11 @@ def check_patterns(mutants: list[Mutant], root: Path) -> None:
                  + "\n".join(problems))
 
 
-def copy_tree(dest: Path) -> Path:
+def copy_tree(src: Path, dest: Path) -> Path:
+    """src (the repository, or the snapshot taken of it at start) minus .git, .venv and
+    caches, with .venv linked back (scripts/env.sh, which test.sh sources, activates it)."""
     repo = dest / "repo"
-    shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(
+    shutil.copytree(src, repo, ignore=shutil.ignore_patterns(
         ".git", ".venv", "__pycache__", ".pytest_cache", ".ruff_cache", "*.so", "*.pyc"))
     venv = ROOT / ".venv"
     if venv.exists():  # scripts/env.sh (test.sh) activates <repo>/.venv
@@ -135,7 +141,7 @@ def apply(mutant: Mutant, repo: Path) -> None:
         f.write_text(text.replace(old, new))
 
 
-FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
+FAILED = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$", re.MULTILINE)
 
 
 def run(cmd: list[str], repo: Path, env: dict, timeout: float) -> tuple[bool | None, list[str], str]:
@@ -152,6 +158,7 @@ def run(cmd: list[str], repo: Path, env: dict, timeout: float) -> tuple[bool | N
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--full", action="store_true", help="run bash scripts/test.sh (unit + MPI suites)")
+    ap.add_argument("--all", action="store_true", help="unit suite without -x: list every failing test")
     ap.add_argument("--mutant", action="append", default=[], help="run only this mutant (repeatable)")
     ap.add_argument("--cmd", help="test command to run instead (a shell line, run in the copy)")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
@@ -171,15 +178,17 @@ def main() -> int:
     chosen = [names[n] for n in args.mutant] or MUTANTS
     check_patterns(chosen, ROOT)
 
-    cmd = ["bash", "-c", args.cmd] if args.cmd else (FULL_CMD if args.full else UNIT_CMD)
+    unit = [a for a in UNIT_CMD if a != "-x"] if args.all else UNIT_CMD
+    cmd = ["bash", "-c", args.cmd] if args.cmd else (FULL_CMD if args.full else unit)
     timeout = args.timeout or (3600 if args.full else 900)
     with tempfile.TemporaryDirectory(prefix="nuq-mutants-") as tmp:
         tmp = Path(tmp)
         env = dict(os.environ, HOROVOD_NUQ_CACHE=str(tmp / "cache"),  # mutated kernels build here
                    PYTHONDONTWRITEBYTECODE="1")
         print(f"command: {' '.join(cmd)}", file=sys.stderr)
+        pristine = copy_tree(ROOT, tmp / "pristine")  # edits made during the run do not leak in
         if not args.no_baseline:
-            repo = copy_tree(tmp / "baseline")
+            repo = copy_tree(pristine, tmp / "baseline")
             where = subprocess.run([sys.executable, "-c", "import horovod_nuq; print(horovod_nuq.__file__)"],
                                    check=False, cwd=repo, env=env, capture_output=True,
                                    text=True).stdout.strip()
@@ -193,23 +202,25 @@ def main() -> int:
             shutil.rmtree(repo.parent)
         rows = []
         for i, m in enumerate(chosen):
-            repo = copy_tree(tmp / f"m{i}")
+            repo = copy_tree(pristine, tmp / f"m{i}")
             apply(m, repo)
             t0 = time.time()
             caught, failing, tail = run(cmd, repo, env, timeout)
             dt = time.time() - t0
+            counts = re.findall(r"(\d+) failed", tail)
             verdict = "timeout (caught)" if caught is None else ("yes" if caught else "**NO**")
             if caught and not failing:
                 last = [ln for ln in tail.strip().splitlines() if ln.strip()][-1:]
                 failing = [f"(no FAILED line; exit non-zero: {last[0][:80] if last else ''})"]
             shown = ", ".join(f"`{t}`" for t in failing[: args.show])
-            if len(failing) > args.show:
-                shown += f" (+{len(failing) - args.show} more)"
+            total = int(counts[-1]) if counts else len(failing)
+            if total > min(len(failing), args.show):
+                shown += f" ({total} failed in all)"
             rows.append((m.name, m.bug, m.files, verdict, shown))
             print(f"{m.name}: {verdict} ({dt:.0f} s)", file=sys.stderr)
             shutil.rmtree(repo.parent)
 
-    print(f"\nCommand: `{' '.join(cmd[0:1] + cmd[1:]) if not args.cmd else args.cmd}`\n")
+    print(f"\nCommand: `{args.cmd or ' '.join(cmd)}`\n")
     print("| mutant | bug | file | caught | first failing tests |")
     print("|---|---|---|---|---|")
     for r in rows:
