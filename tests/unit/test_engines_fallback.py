@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import types
 import warnings
 
@@ -168,7 +169,7 @@ def test_tf_function_decodes_like_eager(fused):
     ctx = payloads[0][1]
     dec = _decoder(H.NUQCompressor, fused, RANKS)
     want = _expected_sum([p for p, _ in payloads], dec.scheme, r, RANKS, N).astype(np.float32)
-    ctx_tf = ctx.__class__(ctx.shape, ctx.dtype, ctx.numel, ctx.n_buckets, tf.constant(ctx.scale))
+    ctx_tf = dataclasses.replace(ctx, scale=tf.constant(ctx.scale))
     step = tf.function(lambda p: dec.decompress(p, ctx_tf))
     tol = 1e-6 * np.abs(want).max()
     np.testing.assert_allclose(step(tf.constant(summed)).numpy(), want, rtol=1e-6, atol=tol)

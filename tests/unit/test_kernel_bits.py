@@ -72,11 +72,11 @@ class _Kernels:
 
     def __init__(self, scheme):
         self.lib, self.s = kernels.load(), scheme
-        host = codec.Tables(scheme)
-        self.t = host
-        self.levels = np.ascontiguousarray(host._host["levels"], np.float32)
-        self.signed_num = np.ascontiguousarray(host._host["signed_numerators"], np.int64)
-        self.signed_values = np.ascontiguousarray(host._host["signed_values"], np.float32)
+        self.t = codec.Tables(scheme)
+        host = self.t._host
+        self.levels = np.ascontiguousarray(host["levels"], np.float32)
+        self.signed_num = np.ascontiguousarray(host["signed_numerators"], np.int64)
+        self.signed_values = np.ascontiguousarray(host["signed_values"], np.float32)
 
     def scales(self, x):
         s = self.s
