@@ -35,6 +35,7 @@ _SIGNATURES = {
     "nuq_encode_sums": (None, [_F, _i64, _i64, _F, _F, _I64, _int, _int, _u64, _int, _int, _i64, _D]),
     "nuq_decode_codes": (_int, [_U8, _i64, _i64, _F, _F, _int, _int, _f32, _F, _int]),
     "nuq_decode_sums": (_int, [_D, _i64, _i64, _f64, _int, _int, _i64, _F, _f32, _F]),
+    "nuq_uniforms": (None, [_u64, _i64, _i64, _F]),
 }
 
 # Compiler flag sets, best first: the first one the compiler accepts is used.
@@ -135,3 +136,14 @@ def key_stream(seed: int):
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
         yield z ^ (z >> 31)
+
+
+def uniforms(key: int, count: int, start: int = 0) -> np.ndarray:
+    """The U[0,1) draws the encoders use for elements start .. start + count - 1 under `key`
+    (for tests that replay a kernel call through the NumPy reference)."""
+    lib = load()
+    if lib is None:
+        raise RuntimeError("fused CPU kernels unavailable")
+    out = np.empty(count, np.float32)
+    lib.nuq_uniforms(key, start, count, ptr(out))
+    return out

@@ -256,15 +256,15 @@ class DeferredSummable:
         agreed = coll.wait(entry.scale_handle)
         xp = backend_for(agreed)
         nb = entry.tensor.n_buckets
-        r, ids = xp.split(agreed, [nb, 2])
+        scale, ids = xp.split(agreed, [nb, 2])
         if not bool(xp.max_all(xp.abs(xp.row_sum(xp.reshape(ids, [1, 2])))) == 0):
             # every rank sees the same ids, so every rank raises here, after one gather
             listing = "; ".join(f"rank {i}: {c}" for i, c in
                                 enumerate(coll.gather_text(codec.scheme.describe(), entry.process_set)))
             raise ValueError(f"ranks use different compressor settings ({listing}). "
                              "Give every rank the same compressor.")
-        entry.scale = r
-        payload = codec.encode_sums(entry.engine, entry.work, r, entry.layout, coll)
+        entry.scale = scale
+        payload = codec.encode_sums(entry.engine, entry.work, scale, entry.layout, coll)
         entry.words_handle = coll.allreduce_average_async(payload, entry.name, entry.process_set)
         entry.work = None  # the encoded words replace it
 

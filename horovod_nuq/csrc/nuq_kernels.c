@@ -96,6 +96,15 @@ void nuq_scales(const float *x, int64_t n, int64_t B, int mode, float trunc, flo
     }
 }
 
+/* The uniform the encoders draw for each element i0 .. i0 + n - 1 under `key`, written to
+ * out[0, n): exported so tests can replay a call's draws through the NumPy reference. */
+void nuq_uniforms(uint64_t key, int64_t i0, int64_t n, float *out) {
+    for (int64_t t = 0; t < n; t++) {
+        int64_t i = i0 + t;
+        out[t] = draw(salt_for(key, i), (uint32_t)i);
+    }
+}
+
 static inline float inverse(float r) { return r > 0.0f ? 1.0f / r : 1.0f; }
 
 /* Non-uniform levels, portable: level search as k - 1 vectorized compare passes over a

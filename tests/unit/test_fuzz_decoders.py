@@ -27,6 +27,10 @@ def test_random_and_truncated_allgather_payloads(cls, as_torch):
             bad = good.copy()
             bad[rng.integers(0, bad.size, 3)] ^= rng.integers(1, 256, 3, dtype=np.uint8)
         payload = torch.from_numpy(bad) if as_torch else bad
+        if kind == 1:  # a truncated payload is never a whole rank's: it must raise
+            with pytest.raises(ValueError, match="payload"):
+                comp.decompress_gathered(payload, ctx)
+            continue
         try:
             out = comp.decompress_gathered(payload, ctx)
         except ValueError as e:
@@ -52,3 +56,29 @@ def test_random_summable_payloads():
     neg[-1] = -1.0
     with pytest.raises(ValueError, match="sentinel"):
         wire.unpack_sums(backend_for(neg), neg, layout, ctx.tensor.n_buckets * 64)
+
+
+@pytest.mark.parametrize("fused", [None, False], ids=["default-engine", "generic"])
+@pytest.mark.parametrize("as_torch", [False, True], ids=["numpy", "torch"])
+def test_every_truncation_raises(fused, as_torch):
+    """Every proper prefix of a payload raises ValueError, on both engines: allgather payloads
+    of one or two ranks (except the prefix that is exactly one whole rank), summable words."""
+    x = np.random.default_rng(3).standard_normal(300).astype(np.float32)
+    xt = torch.from_numpy(x) if as_torch else x
+    conv = (lambda a: torch.from_numpy(np.ascontiguousarray(a))) if as_torch else (lambda a: a)
+    g = H.NUQCompressor(bits=3, bucket_size=64, protocol="allgather", seed=0, fused=fused)
+    one, ctx = g.compress_for_allgather(xt)
+    one = np.asarray(one)
+    two = np.concatenate([one, np.asarray(g.compress_for_allgather(xt)[0])])
+    for payload in (one, two):
+        for size in range(payload.size):
+            if size == one.size:
+                continue
+            with pytest.raises(ValueError, match="payload"):
+                g.decompress_gathered(conv(payload[:size]), ctx)
+    a = H.QSGDCompressor(bits=4, bucket_size=64, protocol="allreduce", seed=0, fused=fused)
+    words, actx = a.compress(xt)
+    words = np.asarray(words)
+    for size in range(words.size):
+        with pytest.raises(ValueError, match="summable payload"):
+            a.decompress(conv(words[:size]), actx)
