@@ -24,8 +24,10 @@ def _allgather_grads_fn(compression: Any, op: Any, process_set: Any):
             if g is None:
                 out.append(None)
                 continue
-            if isinstance(g, tf.IndexedSlices):
+            if isinstance(g, tf.IndexedSlices):  # dense, with the variable's static shape
                 g = tf.convert_to_tensor(g)
+                if vars is not None:
+                    g = tf.reshape(g, vars[i].shape)
             payload, ctx = compression.compress_for_allgather(g)
             gathered = hvd.allgather(payload, name=f"nuq_grad_{i}", process_set=process_set)
             gathered = tf.reshape(gathered, [process_set.size() * payload.shape[0]])  # static shape
