@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from horovod_nuq import codec
+from horovod_nuq import codec, collectives
 from horovod_nuq.backends import backend_for
 
 # Figures printed at the end of the run (see conftest.pytest_terminal_summary).
@@ -162,3 +162,24 @@ def unbiasedness_check(samples, x, r, level_values, sigmas: float = 6.0):
     ok = abs(mean_z2 - 1) <= tol and zero_var_max_err <= 1e-5
     return {"ok": ok, "mean_z2": mean_z2, "tol": tol, "d_eff": d_eff,
             "zero_var_max_err": zero_var_max_err}
+
+
+class SimulatedRank(collectives.LocalCollectives):
+    """Rank `rank` of `ranks`: its Max allreduce returns `agreed` (default: its input), and
+    the settings it gathers for error messages are `texts` (default: its own, on every rank)."""
+
+    def __init__(self, rank: int, ranks: int, agreed=None, texts=None) -> None:
+        super().__init__()
+        self._rank, self._ranks, self._agreed, self._texts = rank, ranks, agreed, texts
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self, process_set=None) -> int:
+        return self._ranks
+
+    def allreduce_max(self, x, process_set=None, name=None):
+        return x if self._agreed is None else self._agreed
+
+    def gather_text(self, text, process_set=None) -> list:
+        return [text] * self._ranks if self._texts is None else [text, *self._texts]

@@ -5,10 +5,10 @@ import warnings
 
 import numpy as np
 import pytest
-from _helpers import FRAMEWORKS, fw_dtype_name, to_fw, to_np, unbiasedness_check
+from _helpers import FRAMEWORKS, SimulatedRank, fw_dtype_name, to_fw, to_np, unbiasedness_check
 
 import horovod_nuq as H
-from horovod_nuq import codec, collectives, reference, wire
+from horovod_nuq import codec, reference, wire
 from horovod_nuq.backends import backend_for
 
 KINDS = {"qsgd": H.QSGDCompressor, "qsgdinf": H.QSGDInfCompressor, "nuqsgd": H.NUQCompressor,
@@ -165,25 +165,6 @@ def test_repeated_compression_is_unbiased_end_to_end(name, protocol):
 
 
 # ---- simulated ranks: Sum / Average semantics through the Compressor -------------------------
-class _FakeCollectives(collectives.LocalCollectives):
-    """Rank `rank` of `ranks`, whose Max allreduce returns `agreed`."""
-
-    def __init__(self, rank, ranks, agreed):
-        self._rank, self._ranks, self._agreed = rank, ranks, agreed
-
-    def rank(self):
-        return self._rank
-
-    def size(self, process_set=None):
-        return self._ranks
-
-    def allreduce_max(self, x, process_set=None, name=None):
-        return self._agreed
-
-    def gather_text(self, text, process_set=None):
-        return [text, "QSGDCompressor(other)"]
-
-
 def _decode_fields(payload, layout, count):
     """Independent decoder of one rank's summable payload (Python ints)."""
     out = []
@@ -209,7 +190,7 @@ def test_simulated_ranks_allreduce(monkeypatch, name, ranks):
     payloads, ctxs, comps = [], [], []
     for i, x in enumerate(xs):
         c = cls(bits=4, bucket_size=B, seed=1, protocol="allreduce",
-                collectives=_FakeCollectives(i, ranks, agreed))
+                collectives=SimulatedRank(i, ranks, agreed))
         p, ctx = c.compress(x)
         payloads.append(p)
         ctxs.append(ctx)
@@ -242,7 +223,7 @@ def test_simulated_ranks_allreduce(monkeypatch, name, ranks):
 def test_simulated_config_mismatch_is_detected(monkeypatch):
     agreed = np.array([1.0, 1.0, 5.0, -3.0], np.float32)  # ranks disagree on the config id
     c = H.QSGDCompressor(bits=4, bucket_size=64, seed=0, protocol="allreduce",
-                         collectives=_FakeCollectives(0, 2, agreed))
+                         collectives=SimulatedRank(0, 2, agreed, texts=["QSGDCompressor(other)"]))
     x = np.ones(100, np.float32)
     with pytest.raises(ValueError, match=r"different compressor settings \(rank 0: QSGDCompressor\(qsgd"
                                          r"\(bits=4.*rank 1: QSGDCompressor\(other\)"):

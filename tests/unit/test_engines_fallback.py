@@ -13,9 +13,10 @@ import warnings
 
 import numpy as np
 import pytest
+from _helpers import SimulatedRank
 
 import horovod_nuq as H
-from horovod_nuq import collectives, engines, kernels, reference
+from horovod_nuq import engines, kernels, reference
 from horovod_nuq.backends import backend_for
 
 HAVE_KERNELS = kernels.load() is not None
@@ -81,26 +82,6 @@ def test_a_failing_compiler_warns_and_falls_back(monkeypatch, tmp_path):
 
 
 # ---- simulated ranks ---------------------------------------------------------------------------
-class _FakeCollectives(collectives.LocalCollectives):
-    """Rank `rank` of `ranks` whose Max allreduce returns `agreed` (default: its input)."""
-
-    def __init__(self, rank, ranks, agreed=None):
-        super().__init__()
-        self._rank, self._ranks, self._agreed = rank, ranks, agreed
-
-    def rank(self):
-        return self._rank
-
-    def size(self, process_set=None):
-        return self._ranks
-
-    def allreduce_max(self, x, process_set=None, name=None):
-        return x if self._agreed is None else self._agreed
-
-    def gather_text(self, text, process_set=None):
-        return [text] * self._ranks
-
-
 def _rank_payloads(cls, fused, xs, **kw):
     """Each simulated rank's summable payload, with the scales agreed (Max) over the ranks."""
     probe = cls(bucket_size=B, **kw)
@@ -110,7 +91,7 @@ def _rank_payloads(cls, fused, xs, **kw):
     out = []
     for i, x in enumerate(xs):
         c = cls(bucket_size=B, seed=i, fused=fused, protocol="allreduce",
-                collectives=_FakeCollectives(i, len(xs), agreed), **kw)
+                collectives=SimulatedRank(i, len(xs), agreed), **kw)
         out.append(c.compress(x))
     return out, agreed[:-2]
 
@@ -130,7 +111,7 @@ def _expected_sum(payloads, scheme, r, ranks, n):
 
 def _decoder(cls, fused, ranks, **kw):
     kw.setdefault("protocol", "allreduce")
-    return cls(bucket_size=B, seed=0, fused=fused, collectives=_FakeCollectives(0, ranks), **kw)
+    return cls(bucket_size=B, seed=0, fused=fused, collectives=SimulatedRank(0, ranks), **kw)
 
 
 @pytest.mark.parametrize("fused_enc", [False, True] if HAVE_KERNELS else [False], ids=["enc-generic", "enc-fused"][: 1 + HAVE_KERNELS])
