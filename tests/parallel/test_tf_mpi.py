@@ -133,15 +133,16 @@ def test_horovod_benchmark_step_retraced_with_python_argument():
             hvd.broadcast_variables(opt.variables(), root_rank=0)
         return loss
 
-    losses = [float(step(True))] + [float(step(False)) for _ in range(12)]
+    losses = [float(step(True))] + [float(step(False)) for _ in range(20)]
+    same = all_same(np.concatenate([v.numpy().ravel() for v in model.variables]))  # collective first
     # traced at least twice (the Python argument; TF may add a trace that creates the
     # optimizer's variables), a new compressor each time
     assert step.experimental_get_tracing_count() >= 2 and len(used) == step.experimental_get_tracing_count()
     assert len({id(c) for c in used}) == len(used)
-    assert losses[-1] < 0.8 * losses[1], losses
-    assert all_same(np.concatenate([v.numpy().ravel() for v in model.variables]))
+    assert same
+    assert losses[-1] < 0.9 * losses[1], losses
     n_grads = len(model.trainable_variables)  # bytes are counted per run of the graph, not per trace
-    assert used[-1].stats.tensors == 12 * n_grads and sum(c.stats.tensors for c in used) == 13 * n_grads
+    assert used[-1].stats.tensors == 20 * n_grads and sum(c.stats.tensors for c in used) == 21 * n_grads
 
 
 def test_sum_and_predivide():
