@@ -58,6 +58,7 @@ class Compressor:
         self.process_set = process_set
         self.collectives = collectives
         self.stats = WireStats()
+        self._protocols: dict[tuple, str] = {}
         self._summable, self._gathered = transports.Summable(), transports.Gathered()
         self._sentinel_gather, self._deferred = transports.SentinelGather(), transports.DeferredSummable()
         if protocol == "allreduce":
@@ -158,7 +159,10 @@ class Compressor:
     def protocol_for(self, ranks: int) -> str:
         """The protocol used over `ranks` ranks: `protocol`, or for "auto" the one that puts
         fewer bytes on each rank's link (policy.py)."""
-        return policy.protocol_for(self.codec, self.protocol, self.shared_scale_only, ranks)
+        key = (self.protocol, ranks)  # compress asks every call: the byte model runs once per size
+        if key not in self._protocols:
+            self._protocols[key] = policy.protocol_for(self.codec, self.protocol, self.shared_scale_only, ranks)
+        return self._protocols[key]
 
     # ---- helpers -------------------------------------------------------------------------
     def _coll(self, xp: Backend) -> Any:
