@@ -37,3 +37,13 @@ def tnq_mse(s: int, b: float = 1.0) -> float:
     """TNQSGD mean squared error per coordinate for Laplace(0, b) coordinates at alpha*
     (truncation plus rounding): 27 b^2 / (2s + 3 sqrt(6) / 2)^2, arXiv 2402.01160."""
     return 27.0 * b * b / (2 * s + 3 * math.sqrt(6) / 2) ** 2
+
+
+PER_WORKER = {"qsgd": qsgd, "qsgdinf": qsgd_inf, "nuqsgd": nuq}
+
+
+def relative_variance(scheme: object) -> float | None:
+    """omega with E||Q(v) - v||^2 <= omega ||v||^2 for one worker's own scales (gathered
+    protocol), or None where no such bound exists (TNQ's truncation; Global-QSGD's shared scale)."""
+    fn = PER_WORKER.get(getattr(scheme, "name", ""))
+    return None if fn is None else fn(scheme.bucket_size, scheme.levels.k)
