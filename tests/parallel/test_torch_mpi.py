@@ -464,6 +464,11 @@ def test_registered_with_horovod():
         comp = getattr(hvd.Compression, name)
         out = hvd.allreduce(torch.ones(6000), compression=comp)
         assert out.shape == (6000,) and abs(float(out.mean()) - 1.0) < 0.1, name
+    comp = hvd.Compression.hsq  # biased: compared with its oracle, not with the input
+    assert isinstance(comp, nuq.HSQCompressor)
+    out = hvd.allreduce(torch.arange(6000.0), compression=comp).numpy()
+    want, clear = hsq_oracle_average([np.arange(6000, dtype=np.float32)], comp.scheme, 1.0)
+    np.testing.assert_allclose(out[clear], want[clear], rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("protocol", ["allreduce", "allgather"])
