@@ -181,7 +181,7 @@ def test_truncated_payload_raises_clearly():
         tc.decode_codes(payload[:0], ctx)
 
 
-@pytest.mark.parametrize("k,dim", [(200, 16), (600, 4), (5, 4)])
+@pytest.mark.parametrize("k,dim", [(200, 16), (300, 8), (5, 4)])  # 8, 9 and 3 index bits
 def test_out_of_range_codeword_index_raises(k, dim):
     tc, payload, ctx = _payload(k, dim)
     nc = ctx.n_buckets
