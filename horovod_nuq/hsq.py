@@ -49,6 +49,9 @@ DEFAULT_CODEBOOK_SEED = 808  # the seed of the authors' codebook_generator.py
 MAX_CODEBOOK_SIZE = 1 << 16  # indices are packed in at most 16 bits
 KMEANS_ITERATIONS = 20  # as the authors' generator
 KMEANS_POINTS_PER_CODEWORD = 32
+# scores c . v computed at once: 16 MB of float32. Unblocked, a 64 MB tensor would need 1 GB
+# of scores at K = 256, dim = 16 (K / dim times the input); blocks also stay in cache.
+BLOCK_SCORES = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -145,7 +148,17 @@ def to_chunks(xp: Backend, tensor: Array, dim: int) -> Array:
 
 
 def encode(xp: Backend, chunks: Array, codewords_t: Array) -> tuple[Array, Array]:
-    """(u, k) per chunk: k = argmax_i |c_i . v|, u = c_k . v. `codewords_t` is C^T [dim, K]."""
+    """(u, k) per chunk: k = argmax_i |c_i . v|, u = c_k . v. `codewords_t` is C^T [dim, K].
+    Blocks of chunks bound the scores held at once to BLOCK_SCORES."""
+    n, rows = xp.shape(chunks)[0], max(1, BLOCK_SCORES // xp.shape(codewords_t)[1])
+    if n <= rows:
+        return _encode_block(xp, chunks, codewords_t)
+    sizes = [rows] * (n // rows) + ([n % rows] if n % rows else [])
+    us, ks = zip(*[_encode_block(xp, b, codewords_t) for b in xp.split(chunks, sizes)])
+    return xp.concat(us), xp.concat(ks)
+
+
+def _encode_block(xp: Backend, chunks: Array, codewords_t: Array) -> tuple[Array, Array]:
     p = xp.matmul(chunks, codewords_t)
     k = xp.argmax_rows(xp.abs(p))
     return xp.pick(p, k), k

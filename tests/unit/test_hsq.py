@@ -102,6 +102,17 @@ def test_round_trip_matches_the_oracle(fw, k, dim):
     np.testing.assert_allclose(out[per_chunk], q_ref[per_chunk], rtol=1e-5, atol=1e-5 * np.abs(x).max())
 
 
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_blocked_encoder_equals_one_block(fw, monkeypatch):
+    """Large tensors are encoded block by block (bounded memory): same payload as one block."""
+    framework(fw)
+    tc = HSQCodec(hsq.HSQScheme())
+    x = to_fw(fw, _gradient(5000, 2))
+    whole = to_np(tc.encode_codes(x)[0])
+    monkeypatch.setattr(hsq, "BLOCK_SCORES", 256 * 7)  # blocks of 7 chunks, a shorter last one
+    np.testing.assert_array_equal(to_np(tc.encode_codes(x)[0]), whole)
+
+
 def test_tf_function_encodes_and_decodes_like_eager():
     tf = framework("tensorflow")
     tc = HSQCodec(hsq.HSQScheme())
