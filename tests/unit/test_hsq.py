@@ -204,6 +204,26 @@ def test_out_of_range_codeword_index_raises(k, dim):
     assert (1 << bits) - 1 >= k
 
 
+def test_random_bytes_raise_clearly_or_decode_finite_sizes():
+    """Fuzz: random payloads of the right length fail the header check; with a valid header,
+    random bodies either decode (any float32 bits) or raise for an index >= K, never
+    anything but ValueError."""
+    tc, payload, ctx = _payload(200, 16)
+    rng = np.random.default_rng(0)
+    header_rejects = index_rejects = 0
+    for trial in range(60):
+        bad = rng.integers(0, 256, payload.size, dtype=np.uint8)
+        if trial % 2:
+            bad[:4] = payload[:4]
+        try:
+            out = tc.decode_codes(bad, ctx)
+            assert out.shape == (1000,)
+        except ValueError as e:
+            header_rejects += "another codebook" in str(e)
+            index_rejects += "codebook size" in str(e)
+    assert header_rejects == 30 and index_rejects == 30  # 63 indices of 8 bits: some >= 200
+
+
 def test_payload_of_other_settings_or_codebook_raises():
     _, payload, ctx = _payload()
     for other in (HSQCodec(hsq.HSQScheme(256, 16, 809)), HSQCodec(hsq.HSQScheme(128, 16))):
