@@ -229,7 +229,8 @@ class HSQCompressor(Compressor):
     `dim` coordinates as a float32 scalar and the index of one of `codebook_size` unit
     codewords (ceil(log2 K) bits), 2.5 bits per coordinate at the defaults (K = 256, dim = 16).
 
-    Biased (the nearest codeword, no randomness): pair it with error feedback. Allgather
+    Biased (the nearest codeword, no randomness): pair it with error feedback
+    (`error_feedback=True`). Allgather
     protocol only ("auto" picks it; "allreduce" is refused): indices do not sum. The codebook
     is rebuilt on every rank from `codebook_seed`, never sent. `seed` is accepted for a
     uniform signature and unused (HSQ draws no random numbers); `fused` may be None or False

@@ -26,7 +26,7 @@ Bias: the encoder is deterministic, so E[Q(v)] = Q(v) != v. The error is exactly
 ||v - Q(v)||^2 = ||v||^2 - (c_k . v)^2 per chunk, and on average Q shrinks v towards its
 codewords. The authors' training uses error feedback (main.py --ef, quantizers/
 ps_quantizer.py: the residual g - Q(g) is added to the next step's gradient); error feedback
-is HSQ's companion here too. The multi-rank unbiasedness harness does not apply; the bias
+is HSQ's companion here too (the compressors' `error_feedback=True` option). The multi-rank unbiasedness harness does not apply; the bias
 is measured instead (tests/unit/test_hsq.py, benchmarks/hsq_quality.py).
 """
 from __future__ import annotations
