@@ -45,11 +45,13 @@ def main() -> None:
     rows = []
     for name, cls in SCHEMES.items():
         for protocol in ("allreduce", "allgather"):
-            if protocol == "allgather" and cls is nuq.GlobalQSGDCompressor:
+            if (protocol == "allgather" and cls.shared_scale_only) or (protocol == "allreduce" and cls.gather_only):
                 continue
-            comp = cls(bits=args.bits, protocol=protocol)
+            comp = cls(protocol=protocol, **({} if cls.gather_only else {"bits": args.bits}))
             sent = step_bytes(comp)
-            rows.append((name, protocol, comp.scheme.code_bits, sent, f32 / sent, f32 / 2 / sent))
+            # HSQ has no per-coordinate code: its bits per coordinate of a large tensor
+            bits = getattr(comp.scheme, "code_bits", None) or f"{8 * comp.payload_bytes(1 << 20) / (1 << 20):.2f}"
+            rows.append((name, protocol, bits, sent, f32 / sent, f32 / 2 / sent))
     if hvd.rank() == 0:
         print(f"model: {params} parameters; ranks: {hvd.size()}; float32 {f32} B/step, float16 {f32 // 2} B/step")
         print("| scheme | protocol | bits | bytes/step sent by one rank | vs float32 | vs float16 |")

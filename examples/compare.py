@@ -259,6 +259,9 @@ def main() -> None:
         if name == "globalqsgd" and args.protocol == "allgather":
             print("\n=== globalqsgd: skipped (shares one scale across ranks: allreduce protocol only)")
             continue
+        if name == "hsq" and (args.protocol == "allreduce" or args.bits is not None or args.bucket_size is not None):
+            print("\n=== hsq: skipped (allgather only; --bits/--bucket-size do not apply)")
+            continue
         log = run_one(args, name, logdir)
         if log is None:
             failed.append(name)

@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 
 from . import collectives as _collectives
-from . import policy, schemes, transports
+from . import hsq, policy, schemes, transports
 from .backends import Backend, backend_for
 from .horovod_calls import horovod_call_site
+from .hsq_codec import HSQCodec
 from .memory import ErrorFeedback, gamma_for
 from .stats import WireStats
 from .tensor_codec import TensorCodec
@@ -45,26 +46,31 @@ class Compressor:
 
     scheme_name = ""
     shared_scale_only = False
+    gather_only = False  # codes that do not sum (HSQ's codeword indices): allgather only
 
     def __init__(self, bits: int | None = None, *, levels: int | None = None,
                  bucket_size: int = 512, seed: int | None = None, protocol: str = "auto",
                  process_set: Any = None, fused: bool | None = None, collectives: Any = None,
                  error_feedback: bool | float = False, **scheme_options: Any) -> None:
-        if protocol not in policy.PROTOCOLS:
-            raise ValueError(f"protocol must be one of {policy.PROTOCOLS}, got {protocol!r}")
-        if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
-            raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+        _check_protocol(protocol)
+        _check_seed(seed)
         if self.shared_scale_only and protocol == "allgather":
             raise ValueError(f"{type(self).__name__} shares one scale across ranks, which only the "
                              "'allreduce' protocol does; use protocol='allreduce'")
         scheme = schemes.make_scheme(self.scheme_name, bits=bits, levels=levels,
                                      bucket_size=bucket_size, **scheme_options)
-        self.codec = TensorCodec(scheme, seed, fused)
+        self._setup(TensorCodec(scheme, seed, fused), protocol, process_set, collectives, error_feedback)
+
+    def _setup(self, codec: Any, protocol: str, process_set: Any, collectives: Any,
+               error_feedback: bool | float) -> None:
+        """Compose the codec (a TensorCodec, or HSQCodec) with the transports and counters."""
+        self.codec = codec
         self.protocol = protocol
         self.process_set = process_set
         self.collectives = collectives
         self.stats = WireStats()
-        self.memory = ErrorFeedback(gamma_for(scheme, error_feedback)) if error_feedback is not False else None
+        self.memory = (ErrorFeedback(gamma_for(codec.scheme, error_feedback))
+                       if error_feedback is not False else None)
         self._protocols: dict[tuple, str] = {}
         self._summable, self._gathered = transports.Summable(), transports.Gathered()
         self._sentinel_gather, self._deferred = transports.SentinelGather(), transports.DeferredSummable()
@@ -107,6 +113,9 @@ class Compressor:
                              f"scale factors), not op {site.op!r}: use op=hvd.Average or op=hvd.Sum, "
                              "or compression=hvd.Compression.none for Adasum, Min, Max, Product")
         process_set = self._process_set(site.process_set)
+        if scale is not None and self.gather_only:
+            raise ValueError(f"{type(self).__name__} runs over the allgather protocol only: call "
+                             "compress(tensor) without scale (agree_scales does not apply)")
         tensor, keep = self._feedback(tensor, key if key is not None else site.name)
         if scale is None and self.protocol_for(coll.size(process_set)) == "allgather":
             return self._sentinel_gather.compress(self.codec, coll, self.stats, tensor, process_set, keep)
@@ -137,6 +146,9 @@ class Compressor:
         ranks must pass the same tensor sizes in the same order). Passing each result to
         `compress(t, scale=..., key=...)` replaces one blocking round trip per tensor by one
         per step. `keys`: the parameters' names, for error feedback."""
+        if self.gather_only:
+            raise ValueError(f"{type(self).__name__} runs over the allgather protocol only, which "
+                             "needs no scale agreement")
         if not tensors:
             return []
         xp = self.codec.frontend(tensors[0])
@@ -177,7 +189,8 @@ class Compressor:
         fewer bytes on each rank's link (policy.py)."""
         key = (self.protocol, ranks)  # compress asks every call: the byte model runs once per size
         if key not in self._protocols:
-            self._protocols[key] = policy.protocol_for(self.codec, self.protocol, self.shared_scale_only, ranks)
+            self._protocols[key] = policy.protocol_for(self.codec, self.protocol, self.shared_scale_only,
+                                                       ranks, self.gather_only)
         return self._protocols[key]
 
     # ---- helpers -------------------------------------------------------------------------
@@ -214,6 +227,16 @@ class Compressor:
         return self.process_set
 
 
+def _check_protocol(protocol: str) -> None:
+    if protocol not in policy.PROTOCOLS:
+        raise ValueError(f"protocol must be one of {policy.PROTOCOLS}, got {protocol!r}")
+
+
+def _check_seed(seed: Any) -> None:
+    if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
+        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+
+
 def _set_id(process_set: Any) -> Any:
     return getattr(process_set, "process_set_id", process_set)
 
@@ -235,6 +258,43 @@ GlobalQSGDCompressor = _compressor("GlobalQSGDCompressor", "globalqsgd",
                                    "Global-QSGD: a scale shared by all ranks; linear or exponential levels.",
                                    shared_scale_only=True)
 
+
+
+class HSQCompressor(Compressor):
+    """HSQ, hyper-sphere quantization (arXiv 1911.04655; horovod_nuq/hsq.py): each chunk of
+    `dim` coordinates as a float32 scalar and the index of one of `codebook_size` unit
+    codewords (ceil(log2 K) bits), 2.5 bits per coordinate at the defaults (K = 256, dim = 16).
+
+    Biased (the nearest codeword, no randomness): pair it with error feedback
+    (`error_feedback=True`). Allgather
+    protocol only ("auto" picks it; "allreduce" is refused): indices do not sum. The codebook
+    is rebuilt on every rank from `codebook_seed`, never sent. `seed` is accepted for a
+    uniform signature and unused (HSQ draws no random numbers); `fused` may be None or False
+    (the encoder is one matrix product, BLAS on the host, the GPU's kernels on a GPU).
+    """
+
+    scheme_name = "hsq"
+    gather_only = True
+
+    def __init__(self, codebook_size: int = hsq.DEFAULT_CODEBOOK_SIZE, dim: int = hsq.DEFAULT_DIM, *,
+                 codebook_seed: int = hsq.DEFAULT_CODEBOOK_SEED, protocol: str = "auto",
+                 process_set: Any = None, collectives: Any = None, seed: int | None = None,
+                 fused: bool | None = None, bits: Any = None, levels: Any = None,
+                 bucket_size: Any = None, error_feedback: bool | float = False) -> None:
+        _check_protocol(protocol)
+        _check_seed(seed)
+        for name, value in (("bits", bits), ("levels", levels), ("bucket_size", bucket_size)):
+            if value is not None:
+                raise ValueError(f"HSQCompressor has no {name}: its size is set by codebook_size "
+                                 "(K codewords, ceil(log2 K) index bits per chunk) and dim (the "
+                                 "chunk length), e.g. HSQCompressor(codebook_size=256, dim=16)")
+        if fused:
+            raise ValueError("HSQCompressor has no fused kernels (its encoder is a matrix product "
+                             "that already runs on BLAS or the GPU): use fused=None or False")
+        self._setup(HSQCodec(hsq.HSQScheme(codebook_size, dim, codebook_seed)), protocol,
+                    process_set, collectives, error_feedback)
+
+
 # the public names, as in hvd.Compression.<name> and the examples' --compression
 COMPRESSORS = {"qsgd": QSGDCompressor, "qsgdinf": QSGDInfCompressor, "nuq": NUQCompressor,
-               "tnq": TNQCompressor, "globalqsgd": GlobalQSGDCompressor}
+               "tnq": TNQCompressor, "globalqsgd": GlobalQSGDCompressor, "hsq": HSQCompressor}

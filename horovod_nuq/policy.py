@@ -24,16 +24,20 @@ def payload_bytes(tc: TensorCodec, numel: int, ranks: int, protocol: str) -> int
     """Bytes one rank hands to the collectives for a tensor of `numel` elements over `ranks`
     ranks: allgather, its packed payload; allreduce, the summable words plus the scale
     agreement (float32 scales and two config ids)."""
-    nb = _codec.n_buckets(numel, tc.scheme.bucket_size)
     if protocol == "allgather":
-        return tc.gathered_bytes(nb)
+        return tc.gathered_payload_bytes(numel)
+    nb = _codec.n_buckets(numel, tc.scheme.bucket_size)
     return tc.layout(ranks).payload_bytes(nb * tc.scheme.bucket_size) + 4 * (nb + 2)
 
 
-def protocol_for(tc: TensorCodec, protocol: str, shared_scale_only: bool, ranks: int) -> str:
-    """The protocol `protocol` ("auto", "allreduce" or "allgather") resolves to over `ranks`."""
+def protocol_for(tc: TensorCodec, protocol: str, shared_scale_only: bool, ranks: int,
+                 gather_only: bool = False) -> str:
+    """The protocol `protocol` ("auto", "allreduce" or "allgather") resolves to over `ranks`
+    (`gather_only`: codes that do not sum, such as HSQ's codeword indices)."""
     if protocol != "auto":
         return protocol
+    if gather_only:
+        return "allgather"
     if shared_scale_only or ranks <= 1:
         return "allreduce"
     numel = 1 << 20  # payload sizes are linear in numel: one large tensor decides

@@ -63,3 +63,26 @@ def _buckets(v: np.ndarray, size: int) -> list[np.ndarray]:
     if flat.size == 0:
         return []
     return [flat[i: i + size] for i in range(0, flat.size, size)]
+
+
+def hsq(v: np.ndarray, codebook: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """HSQ (arXiv 1911.04655; the authors' nearest_neighbor_compressor.py), chunk by chunk in
+    float64: for each chunk x of `dim` coordinates (the tail zero padded) the codeword c_k with
+    the largest |c_k . x|, sent as k and u = c_k . x, decoded as u c_k.
+
+    Returns (Q(v) flattened to v's length, indices, scalars u, and per chunk the gap between
+    the best and second-best |c . x|, to tell near ties whose float32 argmax may differ)."""
+    c = np.asarray(codebook, dtype=np.float64)
+    flat = np.asarray(v, dtype=np.float64).reshape(-1)
+    flat = np.concatenate([flat, np.zeros(-len(flat) % dim or (dim if len(flat) == 0 else 0))])
+    out, idx, us, gaps = [], [], [], []
+    for x in flat.reshape(-1, dim):
+        scores = np.array([np.dot(ci, x) for ci in c])
+        order = np.argsort(-np.abs(scores), kind="stable")
+        k = int(order[0])
+        out.append(scores[k] * c[k])
+        idx.append(k)
+        us.append(scores[k])
+        gaps.append(abs(scores[k]) - abs(scores[order[1]]))
+    q = np.concatenate(out)[:np.asarray(v).size]
+    return q, np.asarray(idx), np.asarray(us), np.asarray(gaps)

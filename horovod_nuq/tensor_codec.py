@@ -45,12 +45,7 @@ class TensorCodec:
     # ---- per tensor --------------------------------------------------------------------
     def frontend(self, tensor: Any) -> Backend:
         """The tensor's backend, refusing what cannot be quantized."""
-        xp = backend_for(tensor)
-        if not xp.is_floating(tensor):
-            raise TypeError(
-                f"horovod_nuq quantizes floating-point gradients (float16, bfloat16, float32, "
-                f"float64); got {xp.dtype_name(tensor)}. Reduce integer tensors without compression.")
-        return xp
+        return frontend(tensor)
 
     def context(self, xp: Backend, tensor: Any) -> Context:
         numel = xp.numel(tensor)
@@ -101,6 +96,10 @@ class TensorCodec:
         return self._draws
 
     # ---- packed codes (per-worker form) ------------------------------------------------
+    def gathered_payload_bytes(self, numel: int) -> int:
+        """One rank's packed payload for a tensor of `numel` elements (the byte model's input)."""
+        return self.gathered_bytes(codec.n_buckets(numel, self.scheme.bucket_size))
+
     def gathered_bytes(self, n_buckets: int) -> int:
         """One rank's packed payload: 4-byte settings id, float32 scales, packed codes."""
         codes = wire.packed_code_bytes(n_buckets * self.scheme.bucket_size, self.scheme.code_bits)
@@ -163,6 +162,16 @@ class TensorCodec:
         xp = backend_for(payload)
         out = self.engine(xp, payload).decode_sums(payload, scale, layout, ctx.n_buckets)
         return codec.from_buckets(xp, out, ctx.numel, ctx.shape, ctx.dtype)
+
+
+def frontend(tensor: Any) -> Backend:
+    """The tensor's backend, refusing what cannot be quantized."""
+    xp = backend_for(tensor)
+    if not xp.is_floating(tensor):
+        raise TypeError(
+            f"horovod_nuq quantizes floating-point gradients (float16, bfloat16, float32, "
+            f"float64); got {xp.dtype_name(tensor)}. Reduce integer tensors without compression.")
+    return xp
 
 
 def _cuda() -> Any:

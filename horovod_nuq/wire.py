@@ -31,7 +31,11 @@ def packed_code_bytes(count: int, bits: int) -> int:
 
 def pack_codes(xp: Backend, idx: Array, k: int, bits: int) -> Array:
     """Pack signed indices in [-k, k] into uint8, `bits` bits each (8 codes -> `bits` bytes)."""
-    codes = xp.reshape(idx + k, [-1])
+    return pack_fields(xp, xp.reshape(idx + k, [-1]), bits)
+
+
+def pack_fields(xp: Backend, codes: Array, bits: int) -> Array:
+    """Pack non-negative int64 codes below 2^bits (bits <= 8) into uint8, 8 codes -> `bits` bytes."""
     n = xp.numel(codes)
     groups = -(-n // 8)
     if groups * 8 != n:
@@ -44,8 +48,8 @@ def pack_codes(xp: Backend, idx: Array, k: int, bits: int) -> Array:
     return xp.cast(xp.reshape(out, [-1]), "uint8")
 
 
-def unpack_codes(xp: Backend, data: Array, k: int, bits: int, count: int) -> Array:
-    """Inverse of pack_codes: `count` signed indices (int64) from packed uint8 bytes."""
+def unpack_fields(xp: Backend, data: Array, bits: int, count: int) -> Array:
+    """Inverse of pack_fields: `count` non-negative codes (int64) from packed uint8 bytes."""
     nbytes = packed_code_bytes(count, bits)
     if xp.numel(data) != nbytes:
         raise ValueError(f"packed codes: expected {nbytes} bytes for {count} codes of {bits} bits, "
@@ -62,6 +66,12 @@ def unpack_codes(xp: Backend, data: Array, k: int, bits: int, count: int) -> Arr
         codes = xp.reshape(codes, [-1])
     if groups_pad := xp.numel(codes) - count:
         codes = xp.split(codes, [count, groups_pad])[0]
+    return codes
+
+
+def unpack_codes(xp: Backend, data: Array, k: int, bits: int, count: int) -> Array:
+    """Inverse of pack_codes: `count` signed indices (int64) from packed uint8 bytes."""
+    codes = unpack_fields(xp, data, bits, count)
     if 2 * k < (1 << bits) - 1 and xp.numel(codes):
         xp.require(xp.max_all(codes) <= 2 * k,
                    f"packed codes: a code exceeds 2k = {2 * k}: the payload is corrupt or was "

@@ -76,6 +76,16 @@ class Backend:
     def searchsorted(self, sorted_: Array, x: Array) -> Array:
         """Index i with sorted_[i-1] <= x < sorted_[i] (numpy side='right'), int64."""
 
+    # ---- matrices (vector quantizers: HSQ) -----------------------------------------------
+    def matmul(self, x: Array, y: Array) -> Array:
+        """Matrix product x @ y of 2-d arrays (BLAS on the host, the GPU's kernels on a GPU)."""
+    def argmax_rows(self, x: Array) -> Array:
+        """Column index of each row's maximum, int64."""
+    def take_rows(self, table: Array, idx: Array) -> Array:
+        """Rows table[idx] of a 2-d table, for a 1-d int64 idx."""
+    def pick(self, x: Array, idx: Array) -> Array:
+        """x[i, idx[i]] for each row i of a 2-d x (1-d result)."""
+
     # ---- integer bit operations -------------------------------------------------------
     def shl(self, x: Array, bits: Array) -> Array: ...
     def shr(self, x: Array, bits: Array) -> Array: ...

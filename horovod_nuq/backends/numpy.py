@@ -35,6 +35,10 @@ class NumpyBackend(Backend):
     def max_all(self, x): return np.max(x)
     def take(self, table, idx): return np.take(table, idx)
     def searchsorted(self, sorted_, x): return np.searchsorted(sorted_, x, side="right").astype(np.int64)
+    def matmul(self, x, y): return np.matmul(x, y)
+    def argmax_rows(self, x): return np.argmax(x, axis=1).astype(np.int64)
+    def take_rows(self, table, idx): return np.take(table, idx, axis=0)
+    def pick(self, x, idx): return np.take_along_axis(x, np.reshape(idx, (-1, 1)), axis=1)[:, 0]
     def shl(self, x, bits): return np.left_shift(x, bits)
     def shr(self, x, bits): return np.right_shift(x, bits)
     def bit_and(self, x, mask): return np.bitwise_and(x, mask)

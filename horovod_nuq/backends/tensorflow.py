@@ -96,6 +96,11 @@ class TFBackend(Backend):
     def max_all(self, x): return tf.reduce_max(x)
     def take(self, table, idx): return tf.gather(table, idx)
 
+    def matmul(self, x, y): return tf.matmul(x, y)
+    def argmax_rows(self, x): return tf.argmax(x, axis=1, output_type=tf.int64)
+    def take_rows(self, table, idx): return tf.gather(table, idx)
+    def pick(self, x, idx): return tf.gather(x, tf.reshape(idx, [-1, 1]), batch_dims=1)[:, 0]
+
     def searchsorted(self, sorted_, x):
         flat = tf.reshape(x, [1, -1])
         i = tf.searchsorted(tf.reshape(sorted_, [1, -1]), flat, side="right", out_type=tf.int64)

@@ -41,6 +41,10 @@ class TorchBackend(Backend):
     def max_all(self, x): return x.max()
     def take(self, table, idx): return table[idx]
     def searchsorted(self, sorted_, x): return torch.searchsorted(sorted_, x.contiguous(), right=True)
+    def matmul(self, x, y): return torch.matmul(x, y)
+    def argmax_rows(self, x): return x.argmax(dim=1)
+    def take_rows(self, table, idx): return table[idx]
+    def pick(self, x, idx): return x.gather(1, idx.reshape(-1, 1)).reshape(-1)
     def shl(self, x, bits): return torch.bitwise_left_shift(x, bits)
     def shr(self, x, bits): return torch.bitwise_right_shift(x, bits)
     def bit_and(self, x, mask): return torch.bitwise_and(x, mask)

@@ -3,6 +3,7 @@ from ..compressor import (
                           COMPRESSORS,
                           Compressor,
                           GlobalQSGDCompressor,
+                          HSQCompressor,
                           NUQCompressor,
                           QSGDCompressor,
                           QSGDInfCompressor,
@@ -11,5 +12,6 @@ from ..compressor import (
 from . import collectives  # noqa: F401  (imports the TF backend, which keeps AutoGraph out)
 from .tape import DistributedGradientTape
 
-__all__ = ["COMPRESSORS", "Compressor", "DistributedGradientTape", "GlobalQSGDCompressor", "NUQCompressor",
+__all__ = ["COMPRESSORS", "Compressor", "DistributedGradientTape", "GlobalQSGDCompressor", "HSQCompressor",
+           "NUQCompressor",
            "QSGDCompressor", "QSGDInfCompressor", "TNQCompressor"]

@@ -3,6 +3,7 @@ from ..compressor import (
                           COMPRESSORS,
                           Compressor,
                           GlobalQSGDCompressor,
+                          HSQCompressor,
                           NUQCompressor,
                           QSGDCompressor,
                           QSGDInfCompressor,
@@ -10,5 +11,6 @@ from ..compressor import (
 )
 from .optimizer import DistributedOptimizer
 
-__all__ = ["COMPRESSORS", "Compressor", "DistributedOptimizer", "GlobalQSGDCompressor", "NUQCompressor",
+__all__ = ["COMPRESSORS", "Compressor", "DistributedOptimizer", "GlobalQSGDCompressor", "HSQCompressor",
+           "NUQCompressor",
            "QSGDCompressor", "QSGDInfCompressor", "TNQCompressor"]

@@ -75,3 +75,18 @@ def check_near(out: np.ndarray, want: np.ndarray, var: np.ndarray, what: str = "
     many coordinates), and a doubled or halved decode is far above it."""
     err = float(np.sum((np.asarray(out, np.float64) - want) ** 2))
     assert err <= 3.0 * float(var.sum()) + 1e-12, f"{what}: squared error {err:.4g} vs expected {var.sum():.4g}"
+
+
+def hsq_oracle_average(grads: list[np.ndarray], scheme, factor: float) -> tuple[np.ndarray, np.ndarray]:
+    """factor * sum over ranks of each rank's HSQ oracle reconstruction (reference.hsq), and
+    a mask of the coordinates whose chunk has no near tie of |c . x| on any rank (float32
+    may break those the other way)."""
+    from horovod_nuq import hsq
+
+    codebook = hsq.codebook(scheme.codebook_size, scheme.dim, scheme.codebook_seed)
+    total, clear = 0.0, True
+    for g in grads:
+        q, _, u, gap = reference.hsq(g, codebook, scheme.dim)
+        total = total + q
+        clear = clear & np.repeat(gap > 1e-5 * np.abs(u), scheme.dim)[:g.size]
+    return factor * total, clear

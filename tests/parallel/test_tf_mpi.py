@@ -14,6 +14,7 @@ from harness import (
     check_variance,
     digest,
     exact_variance_of_average,
+    hsq_oracle_average,
     rank_gradient,
     run_rounds,
 )
@@ -321,3 +322,29 @@ def test_stock_tape_error_feedback_is_refused_clearly():
         loss = tf.reduce_sum(v * v)
     with pytest.raises(ValueError, match="horovod_nuq.tensorflow.DistributedGradientTape"):
         hvd.DistributedGradientTape(tape, compression=comp).gradient(loss, [v])
+
+
+@pytest.mark.parametrize("tape_cls,op,graph", [("stock", hvd.Average, False), ("stock", hvd.Sum, True),
+                                              ("nuq", hvd.Sum, False), ("nuq", hvd.Average, True)],
+                         ids=["stock-average-eager", "stock-sum-tf_function", "nuq-sum-eager",
+                              "nuq-average-tf_function"])
+def test_hsq_tape_decodes_the_ranks_oracle_average(tape_cls, op, graph):
+    """HSQ through Horovod's tape (sentinel + gather) and horovod_nuq's (allgather), eager
+    and in tf.function: every rank holds the average (or sum) of the ranks' oracle
+    reconstructions."""
+    factory = hvd.DistributedGradientTape if tape_cls == "stock" else nuq.DistributedGradientTape
+    w = tf.Variable(tf.zeros([37, 29]))  # 1073 elements: a zero-padded tail chunk
+    comp = nuq.HSQCompressor()
+    grads = [rank_gradient(r, 37 * 29) for r in range(N)]
+    g = tf.constant(grads[RANK].reshape(37, 29))
+
+    def gradient():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(w * g)
+        return factory(tape, compression=comp, op=op).gradient(loss, [w])[0]
+
+    got = (tf.function(gradient) if graph else gradient)().numpy().reshape(-1).astype(np.float64)
+    want, clear = hsq_oracle_average(grads, comp.scheme, 1.0 if op == hvd.Sum else 1.0 / N)
+    assert clear.mean() > 0.95
+    np.testing.assert_allclose(got[clear], want[clear], rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert all_same(got)

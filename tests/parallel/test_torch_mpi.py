@@ -11,6 +11,7 @@ from harness import (
     check_variance,
     digest,
     exact_variance_of_average,
+    hsq_oracle_average,
     rank_gradient,
     run_rounds,
 )
@@ -344,6 +345,27 @@ def test_optimizer_reduces_to_the_expected_values(optimizer, options, protocol):
     assert all(not p.grad.any() for p in unused.parameters())
 
 
+@pytest.mark.parametrize("op", [hvd.Average, hvd.Sum], ids=["average", "sum"])
+@pytest.mark.parametrize("optimizer", ["stock", "nuq"])
+def test_hsq_optimizer_decodes_the_ranks_oracle_average(optimizer, op):
+    """HSQ through Horovod's own optimizer (sentinel + gather) and horovod_nuq's (allgather):
+    every rank holds the same gradient, the average (or sum) of the ranks' oracle
+    reconstructions; the bytes sent are the computed payload (plus the sentinel)."""
+    factory = hvd.DistributedOptimizer if optimizer == "stock" else nuq.DistributedOptimizer
+    w = torch.nn.Parameter(torch.zeros(37, 29))  # 1073 elements: a zero-padded tail chunk
+    comp = nuq.HSQCompressor()
+    opt = factory(torch.optim.SGD([w], lr=1.0), named_parameters=[("w", w)], compression=comp, op=op)
+    grads = [rank_gradient(r, w.numel()) for r in range(N)]
+    (w * torch.from_numpy(grads[RANK].reshape(w.shape))).sum().backward()
+    opt.synchronize()
+    want, clear = hsq_oracle_average(grads, comp.scheme, 1.0 if op == hvd.Sum else 1.0 / N)
+    got = w.grad.numpy().reshape(-1).astype(np.float64)
+    assert clear.mean() > 0.95
+    np.testing.assert_allclose(got[clear], want[clear], rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert all_same(w.grad)
+    assert comp.stats.total_bytes == comp.payload_bytes(w.numel()) + (24 if optimizer == "stock" else 0)
+
+
 OPTIMIZERS = {"stock": hvd.DistributedOptimizer,  # per-tensor scale agreement inside compress()
               "nuq": nuq.DistributedOptimizer}    # one agreement per step, in synchronize()
 
@@ -442,6 +464,11 @@ def test_registered_with_horovod():
         comp = getattr(hvd.Compression, name)
         out = hvd.allreduce(torch.ones(6000), compression=comp)
         assert out.shape == (6000,) and abs(float(out.mean()) - 1.0) < 0.1, name
+    comp = hvd.Compression.hsq  # biased: compared with its oracle, not with the input
+    assert isinstance(comp, nuq.HSQCompressor)
+    out = hvd.allreduce(torch.arange(6000.0), compression=comp).numpy()
+    want, clear = hsq_oracle_average([np.arange(6000, dtype=np.float32)], comp.scheme, 1.0)
+    np.testing.assert_allclose(out[clear], want[clear], rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("protocol", ["allreduce", "allgather"])

@@ -119,7 +119,7 @@ def test_registration_in_either_import_order(fw, order):
                   "names = [n for n in horovod_nuq.COMPRESSORS if isinstance(getattr(hvd.Compression, n), "
                   "horovod_nuq.COMPRESSORS[n])]\n"
                   "print(type(a).__name__, a is not b, a.stats is not b.stats, len(names))")
-    assert out.split() == ["NUQCompressor", "True", "True", "5"]
+    assert out.split() == ["NUQCompressor", "True", "True", str(len(H.COMPRESSORS))]
 
 
 def test_slots_of_an_abandoned_session_are_freed():
