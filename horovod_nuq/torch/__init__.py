@@ -1,4 +1,5 @@
-"""PyTorch frontend: the compressors, Horovod registration, and an allgather-capable optimizer."""
+"""PyTorch frontend: the compressors, Horovod registration, an allgather-capable optimizer,
+and the Local SGD and CSER optimizer wrappers."""
 from ..compressor import (
                           COMPRESSORS,
                           Compressor,
@@ -8,7 +9,9 @@ from ..compressor import (
                           QSGDInfCompressor,
                           TNQCompressor,
 )
+from .cser import CSER
+from .local_sgd import LocalSGD
 from .optimizer import DistributedOptimizer
 
-__all__ = ["COMPRESSORS", "Compressor", "DistributedOptimizer", "GlobalQSGDCompressor", "NUQCompressor",
-           "QSGDCompressor", "QSGDInfCompressor", "TNQCompressor"]
+__all__ = ["COMPRESSORS", "CSER", "Compressor", "DistributedOptimizer", "GlobalQSGDCompressor", "LocalSGD",
+           "NUQCompressor", "QSGDCompressor", "QSGDInfCompressor", "TNQCompressor"]
