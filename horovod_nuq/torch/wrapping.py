@@ -15,14 +15,15 @@ from typing import Any
 
 import horovod.torch as hvd
 import torch
-from horovod.torch.optimizer import _DistributedOptimizer
 
 
 def wrap(optimizer: torch.optim.Optimizer, mixin: type) -> Any:
     """A `mixin` + optimizer.__class__ instance sharing `optimizer`'s param groups and state."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    if isinstance(optimizer, (_DistributedOptimizer, _Wrapped)):
+    # Horovod's DistributedOptimizer is a class built from _DistributedOptimizer's dict, not a
+    # subclass of it: its `synchronize` method gives it away
+    if isinstance(optimizer, _Wrapped) or hasattr(optimizer, "synchronize"):
         raise TypeError("pass the plain torch optimizer: this wrapper does its own communication, "
                          "and wrapping a distributed optimizer would synchronise twice")
     cls = type(optimizer.__class__.__name__, (mixin, optimizer.__class__), {})
