@@ -155,6 +155,7 @@ def CSER(optimizer: torch.optim.Optimizer, named_parameters: Any = None, *, comp
     full reset). period: H, steps between resets (default: C1's ratio over C2's, see
     `default_period`). Call hvd.broadcast_parameters first (checked at the first reset).
     """
+    wrapped = wrapping.wrap(optimizer, _CSERMixin)
     c2 = hvd.Compression.none if reset_compression is None else reset_compression
     for label, c in (("compression", compression), ("reset_compression", c2)):
         if not hasattr(c, "compress") or not hasattr(c, "decompress"):
@@ -168,7 +169,6 @@ def CSER(optimizer: torch.optim.Optimizer, named_parameters: Any = None, *, comp
     if period is None:
         period = default_period(compression, c2, process_set.size())
     schedule = schedules.Periodic(period)
-    wrapped = wrapping.wrap(optimizer, _CSERMixin)
     params, names = wrapping.named_params(optimizer, named_parameters, "horovod_nuq.cser")
     wrapped._setup(params, names, compression, c2, schedule, process_set)
     return wrapped

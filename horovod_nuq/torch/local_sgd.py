@@ -126,11 +126,11 @@ def LocalSGD(optimizer: torch.optim.Optimizer, named_parameters: Any = None,
     if not hasattr(compression, "compress") or not hasattr(compression, "decompress"):
         raise TypeError(f"compression must be a Horovod compressor (hvd.Compression.none / fp16) or "
                         f"a horovod_nuq compressor, got {compression!r}")
+    wrapped = wrapping.wrap(optimizer, _LocalSGDMixin)
     if growth is None and total_steps is not None and rounds is None:
         rounds = process_set.size()
     schedule = schedules.GrowingIntervals(total_steps=total_steps, rounds=rounds, growth=growth)
     averaging.bind(compression, process_set)
-    wrapped = wrapping.wrap(optimizer, _LocalSGDMixin)
     params, names = wrapping.named_params(optimizer, named_parameters, "horovod_nuq.local_sgd")
     wrapped._setup(params, names, compression, schedule, process_set)
     return wrapped

@@ -5,7 +5,6 @@ rank on another schedule is caught, and a state dict resumes a run bit for bit."
 import copy
 
 import horovod.torch as hvd
-import numpy as np
 import pytest
 import torch
 from harness import digest
@@ -306,5 +305,13 @@ def test_wrapping_a_distributed_optimizer_is_refused():
     dist = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
                                     named_parameters=model.named_parameters())
     with pytest.raises(TypeError, match="plain torch optimizer"):
-        nuq.LocalSGD(dist, total_steps=4)
-    assert np.isfinite(flat(model).numpy()).all()
+        nuq.LocalSGD(dist, total_steps=40)
+    with pytest.raises(TypeError, match="plain torch optimizer"):
+        nuq.CSER(nuq.LocalSGD(torch.optim.SGD(model.parameters(), lr=LR), total_steps=40),
+                 compression=hvd.Compression.fp16)
+    with pytest.raises(TypeError, match="compression must be a Horovod compressor"):
+        nuq.LocalSGD(torch.optim.SGD(model.parameters(), lr=LR), compression="fp16", total_steps=40)
+    with pytest.raises(ValueError, match="give total_steps"):
+        nuq.LocalSGD(torch.optim.SGD(model.parameters(), lr=LR))
+    with pytest.raises(ValueError, match="total_steps=2 is too few for rounds="):
+        nuq.LocalSGD(torch.optim.SGD(model.parameters(), lr=LR), total_steps=2, rounds=2)
