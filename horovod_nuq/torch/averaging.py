@@ -62,6 +62,13 @@ def average_and_own(tensors: list[torch.Tensor], names: list[str], compression: 
     return avgs, owns
 
 
+def describe(compression: Any) -> str:
+    """A compressor's settings as text (the same on ranks that use the same settings)."""
+    if is_quantizer(compression):
+        return repr(compression)
+    return getattr(compression, "__name__", type(compression).__name__)
+
+
 def mark_step(compression: Any) -> None:
     """Close one optimizer step in a horovod_nuq compressor's byte counters."""
     if is_quantizer(compression):

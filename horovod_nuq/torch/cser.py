@@ -27,7 +27,6 @@ import torch
 
 from .. import schedules
 from . import averaging, wrapping
-from .local_sgd import _describe
 
 STATE_KEY = "horovod_nuq.cser"
 _RATIO_NUMEL = 1 << 20  # bytes per coordinate are linear in the size: one large tensor decides
@@ -42,8 +41,8 @@ class _CSERMixin(wrapping._Wrapped):
         self._cser_names1 = [f"{n}.c1" for n in names]
         self._cser_names2 = [f"{n}.c2" for n in names]
         self._cser_c1, self._cser_c2, self._cser_schedule = c1, c2, schedule
-        self._cser_settings = (f"CSER(period={schedule.period}, compression={_describe(c1)}, "
-                               f"reset_compression={_describe(c2)}, parameters={len(params)})")
+        self._cser_settings = (f"CSER(period={schedule.period}, compression={averaging.describe(c1)}, "
+                               f"reset_compression={averaging.describe(c2)}, parameters={len(params)})")
         self._cser_step = 0
         self._cser_sync: list | None = None  # x_hat, the same on every rank
         self._cser_error: list | None = None  # e_i, this rank's residual

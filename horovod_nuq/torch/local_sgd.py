@@ -35,7 +35,7 @@ class _LocalSGDMixin(wrapping._Wrapped):
         self._lsgd_compression, self._lsgd_schedule = compression, schedule
         self._lsgd_process_set = process_set
         self._lsgd_settings = (f"LocalSGD({schedule.describe()}, compression="
-                               f"{_describe(compression)}, parameters={len(params)})")
+                               f"{averaging.describe(compression)}, parameters={len(params)})")
         self._lsgd_step = 0
         self._lsgd_rounds = 0
         self._lsgd_anchor: list | None = None  # the last averaged model, the same on every rank
@@ -60,15 +60,13 @@ class _LocalSGDMixin(wrapping._Wrapped):
         loss = super().step(closure)
         self._lsgd_step += 1
         if self._lsgd_schedule.communicates(self._lsgd_step):
-            self.synchronize()
+            self._average()
         averaging.mark_step(self._lsgd_compression)
         return loss
 
     @torch.no_grad()
-    def synchronize(self) -> None:
-        """Average the models now (the schedule calls this; every rank must call it together)."""
-        if self._lsgd_anchor is None:
-            self._lsgd_anchor = [p.detach().clone() for p in self._lsgd_params]
+    def _average(self) -> None:
+        """Average the models (at the schedule's steps, on every rank together)."""
         wrapping.check_agreement(self._lsgd_settings, self._lsgd_step, self._lsgd_anchor,
                                  "horovod_nuq.local_sgd.check", self._lsgd_process_set)
         deltas = [p.detach() - a for p, a in zip(self._lsgd_params, self._lsgd_anchor)]
@@ -103,11 +101,6 @@ class _LocalSGDMixin(wrapping._Wrapped):
                              wrapping.restore_tensors(mine["anchor"], self._lsgd_params, "anchor"))
 
 
-def _describe(compression: Any) -> str:
-    return repr(compression) if averaging.is_quantizer(compression) else getattr(
-        compression, "__name__", type(compression).__name__)
-
-
 def LocalSGD(optimizer: torch.optim.Optimizer, named_parameters: Any = None,
              compression: Any = None, total_steps: int | None = None, rounds: int | None = None,
              growth: float | None = None,
@@ -119,6 +112,8 @@ def LocalSGD(optimizer: torch.optim.Optimizer, named_parameters: Any = None,
     after step T (later steps keep the formula). rounds=1: one-shot averaging. growth: a,
     for runs of open length (round r then holds a*r steps); give it instead of total_steps.
     compression: how model differences travel (default hvd.Compression.none).
+    Make LR schedulers on the returned optimizer (one made on the plain optimizer still
+    sets the shared learning rates, but warns that it never sees a step).
     Call hvd.broadcast_parameters first: the ranks must start from the same model (checked).
     """
     if compression is None:

@@ -28,7 +28,9 @@ def wrap(optimizer: torch.optim.Optimizer, mixin: type) -> Any:
                          "and wrapping a distributed optimizer would synchronise twice")
     cls = type(optimizer.__class__.__name__, (mixin, optimizer.__class__), {})
     wrapped = object.__new__(cls)
-    wrapped.__dict__.update(optimizer.__dict__)
+    # an LR scheduler made on the plain optimizer left a `step` bound to it in the instance
+    # dict: copied, it would bypass the wrapper's step (and every synchronisation)
+    wrapped.__dict__.update({k: v for k, v in optimizer.__dict__.items() if k != "step"})
     return wrapped
 
 

@@ -141,6 +141,21 @@ def test_growing_rounds_equal_averaging_by_hand():
         torch.testing.assert_close(flat(model), flat(models[RANK]), rtol=1e-5, atol=1e-6)
 
 
+def test_lr_schedulers_before_or_after_wrapping_keep_the_averages():
+    T = 10
+    model = make_model()
+    plain = torch.optim.SGD(model.parameters(), lr=LR)
+    before = torch.optim.lr_scheduler.StepLR(plain, step_size=3, gamma=0.5)
+    opt = nuq.LocalSGD(plain, model.named_parameters(), total_steps=T)
+    after = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
+    for t in range(1, T + 1):
+        local_step(model, opt, RANK, t)
+        before.step()
+        after.step()
+    assert opt.rounds_done == N and agree(flat(model))
+    assert opt.param_groups[0]["lr"] == pytest.approx(LR * 0.5 ** 3 * 0.5 ** 2)
+
+
 def test_divergent_schedule_is_caught_on_every_rank():
     T = 12
     model = make_model()
