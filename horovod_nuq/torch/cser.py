@@ -153,6 +153,8 @@ def CSER(optimizer: torch.optim.Optimizer, named_parameters: Any = None, *, comp
     reset_compression: C2, for the residuals at each reset (default hvd.Compression.none: a
     full reset). period: H, steps between resets (default: C1's ratio over C2's, see
     `default_period`). Call hvd.broadcast_parameters first (checked at the first reset).
+    Make LR schedulers on the returned optimizer (one made on the plain optimizer still
+    sets the shared learning rates, but warns that it never sees a step).
     """
     wrapped = wrapping.wrap(optimizer, _CSERMixin)
     c2 = hvd.Compression.none if reset_compression is None else reset_compression
