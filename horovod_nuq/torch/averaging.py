@@ -33,8 +33,8 @@ def average(tensors: list[torch.Tensor], names: list[str], compression: Any,
             process_set: Any) -> list[torch.Tensor]:
     """The average over the process set of each tensor as `compression` transmits it."""
     pending = []
-    for t, name in zip(tensors, names):
-        payload, ctx = compression.compress(t)
+    for t, name in zip(tensors, names):  # the name keys error feedback's residual, if any
+        payload, ctx = compression.compress(t, key=name) if is_quantizer(compression) else compression.compress(t)
         pending.append((hvd.allreduce_async(payload, name=name, op=hvd.Average,
                                             process_set=process_set), ctx))
     return [compression.decompress(hvd.synchronize(h), ctx) for h, ctx in pending]
@@ -53,7 +53,7 @@ def average_and_own(tensors: list[torch.Tensor], names: list[str], compression: 
                          "hvd.Compression.none / fp16")
     pending = []
     for t, name in zip(tensors, names):
-        payload, ctx = compression.compress_for_allgather(t)
+        payload, ctx = compression.compress_for_allgather(t, key=name)
         pending.append((payload, ctx, hvd.allgather_async(payload, name=name, process_set=process_set)))
     avgs, owns = [], []
     for payload, ctx, handle in pending:

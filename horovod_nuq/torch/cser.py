@@ -166,6 +166,10 @@ def CSER(optimizer: torch.optim.Optimizer, named_parameters: Any = None, *, comp
             raise ValueError(f"{label}={c!r} quantizes every rank on one shared scale, so a rank "
                              "cannot decode its own C(v), which CSER's residual needs; use QSGD, "
                              "QSGDinf, NUQ or TNQ, or hvd.Compression.none / fp16")
+        if getattr(c, "memory", None) is not None:
+            raise ValueError(f"{label}={c!r} has error feedback, which would send CSER's residual "
+                             "a second time (CSER keeps it in the local model and resets it every "
+                             "period steps instead); pass a compressor without error_feedback")
         averaging.bind(c, process_set)
     if period is None:
         period = default_period(compression, c2, process_set.size())

@@ -71,11 +71,12 @@ class Recorder:
 
 def compressions():
     return {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16,
-            "nuq4": nuq.NUQCompressor(bits=4, seed=3), "globalqsgd": nuq.GlobalQSGDCompressor(bits=4, seed=3)}
+            "nuq4": nuq.NUQCompressor(bits=4, seed=3), "globalqsgd": nuq.GlobalQSGDCompressor(bits=4, seed=3),
+            "tnq2_ef": nuq.TNQCompressor(bits=2, seed=3, error_feedback=True)}
 
 
 # ---- Local SGD ---------------------------------------------------------------------------
-@pytest.mark.parametrize("comp", ["none", "fp16", "nuq4", "globalqsgd"])
+@pytest.mark.parametrize("comp", ["none", "fp16", "nuq4", "globalqsgd", "tnq2_ef"])
 def test_rounds_follow_the_schedule_and_ranks_agree_after_each(comp, monkeypatch):
     T = 15
     model = make_model()
@@ -313,6 +314,9 @@ def test_cser_refuses_a_shared_scale_compressor():
     model = make_model()
     with pytest.raises(ValueError, match="own C.v."):
         nuq.CSER(torch.optim.SGD(model.parameters(), lr=LR), compression=nuq.GlobalQSGDCompressor())
+    with pytest.raises(ValueError, match="error feedback, which would send CSER's residual"):
+        nuq.CSER(torch.optim.SGD(model.parameters(), lr=LR),
+                 compression=nuq.TNQCompressor(bits=2, error_feedback=True))
 
 
 def test_wrapping_a_distributed_optimizer_is_refused():
