@@ -79,9 +79,9 @@ class _CSERMixin(wrapping._Wrapped):
         self._cser_step += 1
         reset = self._cser_schedule.communicates(self._cser_step)
         # every step: the ranks must agree on settings and step before any other collective
-        # (the model checksum only at resets, where it costs a pass over x_hat)
+        # (the model checksum, a pass over x_hat, only at the first step and at resets)
         wrapping.check_agreement(self._cser_settings, self._cser_step,
-                                 self._cser_sync if reset else None,
+                                 self._cser_sync if reset or self._cser_step == 1 else None,
                                  "horovod_nuq.cser.check", self._cser_process_set)
         with torch.no_grad():
             updates = [b - p.detach() for b, p in zip(before, self._cser_params)]
@@ -152,7 +152,7 @@ def CSER(optimizer: torch.optim.Optimizer, named_parameters: Any = None, *, comp
     codes, or hvd.Compression.none / fp16; none makes CSER plain synchronous SGD).
     reset_compression: C2, for the residuals at each reset (default hvd.Compression.none: a
     full reset). period: H, steps between resets (default: C1's ratio over C2's, see
-    `default_period`). Call hvd.broadcast_parameters first (checked at the first reset).
+    `default_period`). Call hvd.broadcast_parameters first (checked at the first step).
     Make LR schedulers on the returned optimizer (one made on the plain optimizer still
     sets the shared learning rates, but warns that it never sees a step).
     """

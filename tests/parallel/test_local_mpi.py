@@ -292,6 +292,14 @@ def test_cser_divergent_period_is_caught_at_the_first_step():
         local_step(model, opt, RANK, 1)
 
 
+def test_cser_different_starting_models_are_caught_at_the_first_step():
+    model = make_model(seed=RANK)
+    opt = nuq.CSER(torch.optim.SGD(model.parameters(), lr=LR), model.named_parameters(),
+                   compression=hvd.Compression.fp16, period=50)
+    with pytest.raises(RuntimeError, match="synchronised models differ"):
+        local_step(model, opt, RANK, 1)
+
+
 def test_cser_state_dict_resumes_identically():
     def make(m):
         return nuq.CSER(torch.optim.SGD(m.parameters(), lr=LR, momentum=0.9), m.named_parameters(),
