@@ -21,7 +21,7 @@ echo "== wheel: build, fresh venv, 2-rank smoke from outside the repo"; bash scr
 # One mpirun per framework and size. Rank 0 prints; the other ranks log to files that are
 # shown only when the run fails. `timeout` turns a hang into a failure.
 for np in $RANKS; do
-  for suite in test_torch_mpi test_reliability_mpi test_tf_mpi test_keras3_mpi test_keras3_torch_mpi; do
+  for suite in test_torch_mpi test_local_mpi test_reliability_mpi test_tf_mpi test_keras3_mpi test_keras3_torch_mpi; do
     echo "== $suite with $np ranks"
     log="$REPORTS/$suite.$np"
     # the reliability suite runs the fused kernels with 2 OpenMP threads (env.sh sets 1);
