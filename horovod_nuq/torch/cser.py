@@ -1,8 +1,11 @@
 """CSER, communication-efficient SGD with error reset, as a torch optimizer wrapper.
 
 Xie, Zheng, Koyejo, Gupta, Li, Lin, "CSER: Communication-efficient SGD with Error Reset",
-NeurIPS 2020 (arXiv 2007.13221), Algorithm 1; momentum lives in the wrapped optimizer, as in
-the paper's M-CSER (Algorithm 2), whose update p it compresses. Each rank keeps a
+NeurIPS 2020 (arXiv 2007.13221). The paper's text was not reachable from the machines this
+was written on: the form below follows its abstract (error reset: bifurcated local models
+whose residuals are periodically reset; partial synchronisation of both the gradients and
+the models) and the authors' scripts; compare it with the paper's algorithm listings before
+relying on details. Momentum lives in the wrapped optimizer, whose update p it compresses. Each rank keeps a
 bifurcated model x_i = x_hat - e_i: x_hat, the synchronised part, is the same on every
 rank; e_i is this rank's residual. At every step t, with p_i the wrapped optimizer's update
 (lr * gradient for plain SGD):
