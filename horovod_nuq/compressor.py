@@ -34,18 +34,29 @@ class Compressor:
     "allgather"; see `protocol_for`. process_set: the Horovod process set the tensors are
     reduced over (default: the one Horovod's caller names, else all ranks). fused: use the
     one-pass C kernels for tensors in host memory (None: when they build). collectives: the
-    collectives to use (default: Horovod's, for the tensor's framework).
+    collectives to use (default: Horovod's, for the tensor's framework). encoding (QSGD only):
+    "fixed" (default; `bits` bits per coordinate) or "elias", the paper's Elias-coded gaps,
+    signs and levels (elias.py), whose payloads differ in length from rank to rank and so
+    travel by allgather only.
     """
 
     scheme_name = ""
     shared_scale_only = False
+    elias_coded = False  # whether encoding="elias" is offered (QSGD's code, with its bound)
 
     def __init__(self, bits: int | None = None, *, levels: int | None = None,
                  bucket_size: int = 512, seed: int | None = None, protocol: str = "auto",
                  process_set: Any = None, fused: bool | None = None, collectives: Any = None,
-                 **scheme_options: Any) -> None:
+                 encoding: str = "fixed", **scheme_options: Any) -> None:
         if protocol not in policy.PROTOCOLS:
             raise ValueError(f"protocol must be one of {policy.PROTOCOLS}, got {protocol!r}")
+        if encoding == "elias" and not self.elias_coded:
+            raise ValueError(f"encoding='elias' is QSGD's code (arXiv 1610.02132): use "
+                             f"QSGDCompressor(encoding='elias'); {type(self).__name__} has "
+                             "encoding='fixed' only")
+        if encoding == "elias" and protocol == "allreduce":
+            raise ValueError("encoding='elias' gives each rank a payload of its own length, which "
+                             "cannot be summed: use protocol='allgather' or 'auto' (which gathers)")
         if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
         if self.shared_scale_only and protocol == "allgather":
@@ -53,7 +64,7 @@ class Compressor:
                              "'allreduce' protocol does; use protocol='allreduce'")
         scheme = schemes.make_scheme(self.scheme_name, bits=bits, levels=levels,
                                      bucket_size=bucket_size, **scheme_options)
-        self.codec = TensorCodec(scheme, seed, fused)
+        self.codec = TensorCodec(scheme, seed, fused, encoding)
         self.protocol = protocol
         self.process_set = process_set
         self.collectives = collectives
@@ -76,8 +87,13 @@ class Compressor:
     def fused(self) -> bool | None:
         return self.codec.fused
 
+    @property
+    def encoding(self) -> str:
+        return self.codec.encoding
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.scheme.describe()}, protocol={self.protocol!r})"
+        enc = f", encoding={self.encoding!r}" if self.encoding != "fixed" else ""
+        return f"{type(self).__name__}({self.scheme.describe()}, protocol={self.protocol!r}{enc})"
 
     # ---- Horovod's compression API ------------------------------------------------------
     def compress(self, tensor: Any, *, scale: Any = None) -> tuple[Any, Any]:
@@ -98,6 +114,9 @@ class Compressor:
                              f"scale factors), not op {site.op!r}: use op=hvd.Average or op=hvd.Sum, "
                              "or compression=hvd.Compression.none for Adasum, Min, Max, Product")
         process_set = self._process_set(site.process_set)
+        if scale is not None and self.encoding == "elias":
+            raise ValueError("encoding='elias' payloads are gathered, not summed: compress(tensor) "
+                             "without scale= (agree_scales belongs to the allreduce protocol)")
         if scale is None and self.protocol_for(coll.size(process_set)) == "allgather":
             return self._sentinel_gather.compress(self.codec, coll, self.stats, tensor, process_set)
         if scale is None and getattr(coll, "stable_names", False):  # eager: do not block
@@ -184,13 +203,15 @@ def _set_id(process_set: Any) -> Any:
     return getattr(process_set, "process_set_id", process_set)
 
 
-def _compressor(name: str, scheme: str, doc: str, shared_scale_only: bool = False) -> type:
+def _compressor(name: str, scheme: str, doc: str, shared_scale_only: bool = False,
+                elias_coded: bool = False) -> type:
     return type(name, (Compressor,), {"scheme_name": scheme, "__doc__": doc,
-                                      "shared_scale_only": shared_scale_only})
+                                      "shared_scale_only": shared_scale_only, "elias_coded": elias_coded})
 
 
 QSGDCompressor = _compressor("QSGDCompressor", "qsgd",
-                             "QSGD: uniform levels, L2 scale per bucket (default 4 bits, bucket 512).")
+                             "QSGD: uniform levels, L2 scale per bucket (default 4 bits, bucket 512); "
+                             "encoding='elias' sends the paper's Elias-coded payload.", elias_coded=True)
 QSGDInfCompressor = _compressor("QSGDInfCompressor", "qsgdinf",
                                 "QSGDinf: uniform levels, max-norm scale per bucket.")
 NUQCompressor = _compressor("NUQCompressor", "nuqsgd",

@@ -109,7 +109,7 @@ def agree(codec: TensorCodec, coll: Any, xp: Any, r: Any, process_set: Any, desc
     same = xp.max_all(xp.abs(xp.row_sum(xp.reshape(ids, [1, 2])))) == 0
     if xp.symbolic(same):
         xp.require(same, f"ranks use different compressor settings; this rank uses "
-                         f"{codec.scheme.describe()}. Give every rank the same compressor.")
+                         f"{codec.describe()}. Give every rank the same compressor.")
     elif not bool(same):  # every rank sees the same ids, so every rank takes this branch
         configs = coll.gather_text(describe, process_set)
         listing = "; ".join(f"rank {i}: {c}" for i, c in enumerate(configs))
@@ -260,7 +260,7 @@ class DeferredSummable:
         if not bool(xp.max_all(xp.abs(xp.row_sum(xp.reshape(ids, [1, 2])))) == 0):
             # every rank sees the same ids, so every rank raises here, after one gather
             listing = "; ".join(f"rank {i}: {c}" for i, c in
-                                enumerate(coll.gather_text(codec.scheme.describe(), entry.process_set)))
+                                enumerate(coll.gather_text(codec.describe(), entry.process_set)))
             raise ValueError(f"ranks use different compressor settings ({listing}). "
                              "Give every rank the same compressor.")
         entry.scale = scale

@@ -556,3 +556,153 @@ int nuq_decode_sums(const double *words, int64_t count, int64_t B, double factor
     }
     return bad;
 }
+
+/* ---- QSGD's Elias coding (Alistarh et al., arXiv 1610.02132, Section 3.2) ----------------
+ * An entropy-coding pass over the same codes (idx + k) the fixed-width encoder makes from the
+ * same draws. The count = nb * B codes are cut into chunks of ELIAS_CHUNK (the unit of
+ * parallel work); each chunk is a byte-aligned bit stream, most significant bit first, of one
+ * triple per non-zero code: Elias omega (recursive) code of the gap to it (the position of the
+ * first non-zero counting from 1, then the distance from the previous one), a sign bit (1 =
+ * negative), the Elias omega code of its level index in [1, k]; then the gap that lands one
+ * past the chunk's end (the terminator) and zero bits to the byte boundary. */
+#define ELIAS_CHUNK 65536
+
+typedef struct { uint8_t *p; uint64_t acc; int n; } bitw_t;  /* acc: n pending bits (n < 8) */
+
+static inline void bitw_put(bitw_t *w, uint64_t v, int len) {  /* len <= 32 */
+    w->acc = (w->acc << len) | v;
+    w->n += len;
+    while (w->n >= 8) { w->n -= 8; *w->p++ = (uint8_t)(w->acc >> w->n); }
+}
+
+/* Elias omega code of N >= 1 (N < 2^26): its length; the code in the low bits of *code. */
+static inline int omega_code(uint64_t N, uint64_t *code) {
+    uint64_t c = 0;
+    int len = 1;  /* the final 0 */
+    while (N > 1) {
+        int nb = 64 - __builtin_clzll(N);
+        c |= N << len;
+        len += nb;
+        N = (uint64_t)(nb - 1);
+    }
+    *code = c;
+    return len;
+}
+
+static inline void bitw_omega(bitw_t *w, uint64_t N) {
+    uint64_t c;
+    int len = omega_code(N, &c);
+    if (len > 32) { bitw_put(w, c >> 32, len - 32); len = 32; c &= 0xffffffffULL; }
+    bitw_put(w, c, len);
+}
+
+/* Encode: chunk c's stream is written at out + c * cap (cap bytes may hold its worst case),
+ * then the streams are moved together; ends[c] = end of chunk c's bytes. Returns the bytes. */
+int64_t nuq_elias_encode(const float *x, int64_t n, int64_t B, const float *r, const float *lv, int k,
+                         int uniform, uint64_t key, int64_t cap, uint8_t *out, uint32_t *ends) {
+    int64_t nb = n > 0 ? (n + B - 1) / B : 1, count = nb * B;
+    int64_t chunks = (count + ELIAS_CHUNK - 1) / ELIAS_CHUNK;
+    #pragma omp parallel for schedule(dynamic, 1) if (count > PAR_MIN)
+    for (int64_t c = 0; c < chunks; c++) {
+        uint8_t code[BLOCK];
+        int64_t c0 = c * ELIAS_CHUNK, c1 = c0 + ELIAS_CHUNK < count ? c0 + ELIAS_CHUNK : count;
+        bitw_t w = {out + c * cap, 0, 0};
+        int64_t last = -1;  /* position of the previous non-zero, relative to c0 */
+        for (int64_t i0 = c0; i0 < c1; i0 += BLOCK) {
+            int64_t i1 = i0 + BLOCK < c1 ? i0 + BLOCK : c1;
+            quant_range(x, n, B, r, lv, k, uniform, key, i0, i1, code);
+            for (int t = 0; t < (int)(i1 - i0); t++) {
+                if (code[t] == k) continue;
+                int64_t p = i0 - c0 + t;
+                bitw_omega(&w, (uint64_t)(p - last));
+                bitw_put(&w, code[t] < k, 1);
+                bitw_omega(&w, (uint64_t)(code[t] < k ? k - code[t] : code[t] - k));
+                last = p;
+            }
+        }
+        bitw_omega(&w, (uint64_t)(c1 - c0 - last));  /* lands on c1: the end */
+        if (w.n) *w.p++ = (uint8_t)(w.acc << (8 - w.n));
+        ends[c] = (uint32_t)(w.p - (out + c * cap));
+    }
+    int64_t total = 0;
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t len = ends[c];
+        if (total != c * cap) memmove(out + total, out + c * cap, (size_t)len);
+        total += len;
+        ends[c] = (uint32_t)total;
+    }
+    return total;
+}
+
+typedef struct { const uint8_t *p; int64_t pos, end; } bitr_t;  /* bit positions; end = 8 * bytes */
+
+/* The next len (<= 57) bits as an integer; 0 (and nothing read) past the end. */
+static inline int bitr_get(bitr_t *b, int len, uint64_t *v) {
+    if (len > b->end - b->pos) return 0;
+    int64_t byte = b->pos >> 3, avail = (b->end >> 3) - byte;
+    uint64_t word = 0;
+    if (avail >= 8) {
+        memcpy(&word, b->p + byte, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        word = __builtin_bswap64(word);
+#endif
+    } else {
+        for (int64_t i = 0; i < avail; i++) word |= (uint64_t)b->p[byte + i] << (56 - 8 * i);
+    }
+    *v = len ? (word << (b->pos & 7)) >> (64 - len) : 0;
+    b->pos += len;
+    return 1;
+}
+
+/* An Elias omega code word; 0 when the stream ends inside it or its value exceeds 2^40. */
+static inline uint64_t bitr_omega(bitr_t *b) {
+    uint64_t N = 1, bit, rest;
+    for (;;) {
+        if (!bitr_get(b, 1, &bit)) return 0;
+        if (!bit) return N;
+        if (N > 40 || !bitr_get(b, (int)N, &rest)) return 0;
+        N = (1ULL << N) | rest;
+    }
+}
+
+/* Decode one chunk's stream into codes (idx + k) of its `len` positions; 0 if malformed. */
+static int elias_chunk(const uint8_t *s, int64_t bytes, int64_t len, int k, uint8_t *code) {
+    bitr_t b = {s, 0, 8 * bytes};
+    memset(code, k, (size_t)len);
+    int64_t pos = -1;
+    for (;;) {
+        uint64_t gap = bitr_omega(&b), sign, level;
+        if (gap == 0 || gap > (uint64_t)(len - pos)) return 0;
+        pos += (int64_t)gap;
+        if (pos == len) break;
+        if (!bitr_get(&b, 1, &sign)) return 0;
+        level = bitr_omega(&b);
+        if (level == 0 || level > (uint64_t)k) return 0;
+        code[pos] = (uint8_t)(sign ? k - (int)level : k + (int)level);
+    }
+    uint64_t pad;  /* the rest up to the byte boundary: zero bits, and nothing after */
+    int left = (int)(b.end - b.pos);
+    if (left >= 8 || !bitr_get(&b, left, &pad) || pad) return 0;
+    return 1;
+}
+
+/* Decode one rank's Elias streams (chunk c: stream[ends[c-1], ends[c]); the caller checked
+ * the ends are non-decreasing and within `bytes`) and add r * level * scale into acc (or
+ * store when first), exactly as nuq_decode_codes does for the same codes. Returns 1 if a
+ * chunk is malformed (then acc is incomplete). */
+int nuq_elias_decode(const uint8_t *stream, const uint32_t *ends, int64_t count, int64_t B, const float *r,
+                     const float *signed_values, int k, float scale, float *acc, int first) {
+    int64_t chunks = (count + ELIAS_CHUNK - 1) / ELIAS_CHUNK;
+    float tab[256] = {0};
+    memcpy(tab, signed_values, sizeof(float) * (size_t)(2 * k + 1));
+    int bad = 0;
+    #pragma omp parallel for schedule(dynamic, 1) reduction(| : bad) if (count > PAR_MIN)
+    for (int64_t c = 0; c < chunks; c++) {
+        uint8_t code[ELIAS_CHUNK];
+        int64_t c0 = c * ELIAS_CHUNK, c1 = c0 + ELIAS_CHUNK < count ? c0 + ELIAS_CHUNK : count;
+        uint32_t lo = c ? ends[c - 1] : 0;
+        if (!elias_chunk(stream + lo, (int64_t)(ends[c] - lo), c1 - c0, k, code)) { bad = 1; continue; }
+        scale_range(code, tab, 2 * k < 16, r, scale, B, c0, c1, acc, first);
+    }
+    return bad;
+}

@@ -16,8 +16,11 @@ class TFCollectives(collectives.HorovodCollectives):
     (unique and stable), so no names are given here."""
 
     def allgather_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
-        """Every rank's 1-d `x` (all of one length), with the static shape decoding needs."""
+        """Every rank's 1-d `x`: with the static shape decoding needs when all ranks' are of
+        one static length; else (Elias payloads, lengths known at run time) as gathered."""
         out = hvd.allgather(x, **collectives._ps(process_set))
+        if x.shape[0] is None:
+            return out
         return tf.reshape(out, [self.size(process_set) * int(x.shape[0])])
 
     def wait(self, handle: Any) -> Any:

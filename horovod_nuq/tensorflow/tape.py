@@ -30,7 +30,8 @@ def _allgather_grads_fn(compression: Any, op: Any, process_set: Any):
                     g = tf.reshape(g, vars[i].shape)
             payload, ctx = compression.compress_for_allgather(g)
             gathered = hvd.allgather(payload, name=f"nuq_grad_{i}", process_set=process_set)
-            gathered = tf.reshape(gathered, [process_set.size() * payload.shape[0]])  # static shape
+            if payload.shape[0] is not None:  # fixed-width codes: the static shape (Elias: run time)
+                gathered = tf.reshape(gathered, [process_set.size() * payload.shape[0]])
             out.append(compression.decompress_gathered(gathered, ctx, average))
         return out
 
