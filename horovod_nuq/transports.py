@@ -125,7 +125,7 @@ class Gathered:
 
     def compress(self, codec: TensorCodec, coll: Any, stats: Any, tensor: Any) -> tuple[Any, GatheredContext]:
         payload, ctx = codec.encode_codes(tensor, coll)
-        coll.record(stats, backend_for(payload).numel(payload), ctx.numel)
+        coll.record(stats, backend_for(payload).byte_count(payload), ctx.numel)
         return payload, GatheredContext(ctx)
 
     def decompress(self, codec: TensorCodec, gathered: Any, ctx: GatheredContext) -> Any:
@@ -189,7 +189,7 @@ class SentinelGather:
             raise
         if name is not None:
             _hold_slot(coll, "g", ctx.numel, tag, handle)
-        coll.record(stats, xp.numel(payload) + 8 * wire.SENTINEL_WORDS, ctx.numel)
+        coll.record(stats, xp.byte_count(payload) + 8 * wire.SENTINEL_WORDS, ctx.numel)
         return xp.constant(wire.sentinel(tag), payload), InFlightContext(ctx, handle, tag, name)
 
     def decompress(self, codec: TensorCodec, coll: Any, reduced: Any, ctx: InFlightContext) -> Any:
