@@ -294,7 +294,7 @@ def test_elias_allreduce_decodes_like_fixed(mode):
     g = tf.constant(rank_gradient(RANK, 3000))
     outs = {}
     for comp in _elias_pair():
-        fn = lambda x, c=comp: hvd.allreduce(x, compression=c)  # noqa: E731
+        fn = lambda x, c=comp: hvd.allreduce(x, compression=c)
         fn = tf.function(fn) if mode == "tf.function" else fn
         outs[comp.encoding] = [fn(g).numpy() for _ in range(2)]
         assert comp.stats.total_bytes > 0
