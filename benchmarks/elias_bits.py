@@ -44,13 +44,13 @@ def main() -> None:
     x = np.random.default_rng(args.seed).standard_normal(args.numel).astype(np.float32)
     lines = [f"# QSGD Elias code: bits per coordinate, Gaussian tensor of {args.numel} elements",
              "", "`python benchmarks/elias_bits.py` (seed 0). bits/coord = 8 x payload bytes / elements.",
-             "Theorem 3.2 bound: arXiv 1610.02132, per bucket (norm included) / d, o(1) dropped; "
-             "'n/a' where its condition s^2 + sqrt(d) <= d/2 fails (there the paper's Corollary 3.3 "
-             "gives 2.8 d + 32 bits for a different, dense code, which this package does not send).",
-             "", "| bucket d | s | Elias payload | of which streams | Thm 3.2 bound | fixed-width payload "
-             "| fixed / Elias |", "|---|---|---|---|---|---|---|"]
+             ("Theorem 3.2 bound: arXiv 1610.02132, per bucket (norm included) / d, o(1) dropped; "
+              "'n/a' where its condition s^2 + sqrt(d) <= d/2 fails (there the paper's Corollary 3.3 "
+              "gives 2.8 d + 32 bits for a different, dense code, which this package does not send)."),
+             "", ("| bucket d | s | Elias payload | of which streams | Thm 3.2 bound | fixed-width payload "
+                  "| fixed / Elias |"), "|---|---|---|---|---|---|---|"]
     for d in (512, 8192, args.numel):
-        root = int(math.isqrt(d))
+        root = math.isqrt(d)
         for s in (1, 2, 4, min(root, 127)):
             r = row(x, d, s, args.seed)
             tag = f"{s} (sqrt d)" if s == root else (f"{s} (max; sqrt d = {root})" if s == 127 else str(s))

@@ -11,6 +11,16 @@ int64_t nuq_elias_encode(const float *x, int64_t n, int64_t B, const float *r, c
                          int uniform, uint64_t key, int64_t cap, uint8_t *out, uint32_t *ends);
 int main(int argc, char **argv) {
   if (argc < 2) return 2;
+  if (argc == 4) {  /* decode one stream from a file (argv[2]) of argv[3] codes, k = 3, one chunk */
+    FILE *f = fopen(argv[2], "rb"); if (!f) return 2;
+    uint8_t *s = malloc(1 << 20); int64_t bytes = (int64_t)fread(s, 1, 1 << 20, f); fclose(f);
+    uint8_t *exact = malloc(bytes ? bytes : 1); memcpy(exact, s, bytes); free(s);
+    int64_t count = atoll(argv[3]); uint32_t ends = (uint32_t)bytes;
+    float *r = calloc(count, 4), *acc = malloc(4 * count); float sv[7] = {0};
+    int bad = nuq_elias_decode(exact, &ends, count, count, r, sv, 3, 1.0f, acc, 1);
+    printf("decoded %d, refused %d\n", !bad, bad);
+    free(exact); free(r); free(acc); return 0;
+  }
   srand(1); int okc = 0, badc = 0;
   const int k = 3; float sv[7] = {-1,-2./3,-1./3,0,1./3,2./3,1}; float lv[4] = {0, 1./3, 2./3, 1};
   for (int trial = 0; trial < atoi(argv[1]); trial++) {

@@ -144,9 +144,10 @@ def test_measured_bits_below_the_papers_bound(s, d):
 
 
 def test_bound_formula_and_condition():
-    # s = 1, d = 512: s(s + sqrt d) = 23.63; log2(2 * 513 / 23.63) = 5.44
-    nnz = 1 + np.sqrt(512)
-    assert bounds.qsgd_elias_bits(512, 1) == pytest.approx((3 + 1.5 * np.log2(2 * 513 / nnz)) * nnz + 32)
+    # s = 1, d = 512: s(s + sqrt d) = 23.627; (3 + 1.5 log2(1026 / 23.627)) 23.627 + 32 = 295.70
+    assert bounds.qsgd_elias_bits(512, 1) == pytest.approx(295.697, abs=1e-3)
+    # s = 4, d = 8192: 4 (4 + 90.51) = 378.04; (3 + 1.5 log2(2 * 8208 / 378.04)) 378.04 + 32
+    assert bounds.qsgd_elias_bits(8192, 4) == pytest.approx(4251.153, abs=1e-3)
     assert bounds.qsgd_elias_applies(512, 15) and not bounds.qsgd_elias_applies(512, 16)
     with pytest.raises(ValueError):
         bounds.qsgd_elias_bits(0, 1)
@@ -244,3 +245,80 @@ def test_decoder_reads_nothing_out_of_bounds_under_asan(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     decoded, refused = (int(w) for w in run.stdout.replace(",", "").split() if w.isdigit())
     assert decoded > 0 and refused > 0
+    # a full chunk whose first gap lands past its end (CHUNK + 1 is the end), then a sign and a
+    # level: a decoder whose gap check were off by one would write past its chunk buffer
+    bits = elias.omega(elias.CHUNK + 2) + "0" + elias.omega(1) + elias.omega(1)
+    bits += "0" * (-len(bits) % 8)
+    (tmp_path / "stream").write_bytes(int(bits, 2).to_bytes(len(bits) // 8, "big"))
+    run = subprocess.run([str(exe), "1", str(tmp_path / "stream"), str(elias.CHUNK)], capture_output=True,
+                         text=True, check=False, timeout=60)
+    assert run.returncode == 0 and "refused 1" in run.stdout, run.stderr[-2000:]
+
+
+def _frame_with(comp, x, bits: str):
+    """A one-rank payload of `x`'s frame (header, scales, one chunk) whose stream is `bits`."""
+    p, ctx = comp.compress_for_allgather(x)
+    nb = ctx.tensor.n_buckets
+    prefix = elias.prefix_bytes(nb, nb * comp.scheme.bucket_size)
+    stream = int(bits, 2).to_bytes(len(bits) // 8, "big") if bits else b""
+    out = np.concatenate([np.asarray(p)[:prefix], np.frombuffer(stream, np.uint8)])
+    out[4:8] = np.frombuffer(np.uint32(out.size).tobytes(), np.uint8)
+    out[prefix - 4: prefix] = np.frombuffer(np.uint32(len(stream)).tobytes(), np.uint8)
+    return out, ctx
+
+
+W = elias.omega
+VALID = W(1) + "0" + W(1) + W(3) + "1" + W(1) + W(5)  # +1 at 0, -1 at 3, the end (gap 5 -> 8)
+STREAMS = {
+    "valid": (VALID, True),
+    "valid-empty": (W(9), True),  # no non-zero: the end gap 9 from position -1
+    "level-above-k": (W(1) + "0" + W(2) + W(8), False),
+    "padding-bit-set": (VALID + "1", False),
+    "end-gap-past-chunk": (W(1) + "0" + W(1) + W(9), False),
+    # a gap one past the end, then far away (a decoder that let the first pass would write there)
+    "past-end-then-far": (W(1) + "0" + W(1) + W(9) + "0" + W(1) + W(1 << 30) + "0" + W(1) + W(1), False),
+    "stray-byte": (VALID + "0" * (-len(VALID) % 8) + "00000001", False),
+    "stops-inside-a-word": (W(1) + "0" + W(1) + "1", False),
+    "no-end": (W(1) + "0" + W(1), False),
+}
+
+
+@pytest.mark.parametrize("name", STREAMS)
+def test_malformed_streams_are_refused(name):
+    """Hand-made chunk streams for 8 coordinates (one bucket, s = 1): well-formed ones decode
+    to what they say; a level above k, set padding bits, a gap past the end, bytes after the
+    end and a stream that stops inside a word or before its end raise ValueError."""
+    bits, ok = STREAMS[name]
+    comp = H.QSGDCompressor(levels=1, bucket_size=8, seed=0, encoding="elias")
+    x = np.arange(1, 9, dtype=np.float32)
+    bits = bits + "0" * (-len(bits) % 8)
+    payload, ctx = _frame_with(comp, x, bits)
+    if not ok:
+        with pytest.raises(ValueError, match="payload"):
+            comp.decompress_gathered(payload, ctx)
+        return
+    want = elias.decode_stream(np.array([len(bits) // 8], np.uint32), int(bits, 2).to_bytes(len(bits) // 8, "big"),
+                               8, 1)
+    got = np.asarray(comp.decompress_gathered(payload, ctx))
+    r = np.float32(np.sqrt(np.sum(x.astype(np.float64) ** 2)))
+    np.testing.assert_array_equal(got, want.astype(np.float32) * r)
+    if name == "valid":
+        assert list(want) == [1, 0, 0, -1, 0, 0, 0, 0]
+
+
+def test_frame_errors_are_named():
+    comp = H.QSGDCompressor(levels=1, bucket_size=64, seed=0, encoding="elias")
+    x = np.random.default_rng(0).standard_normal(200).astype(np.float32)
+    p, ctx = comp.compress_for_allgather(x)
+    p = np.asarray(p)
+    longer = p.copy()
+    longer[4:8] = np.frombuffer(np.uint32(p.size + 5).tobytes(), np.uint8)
+    with pytest.raises(ValueError, match="says .* bytes"):
+        comp.decompress_gathered(longer, ctx)
+    offsets = p.copy()
+    at = elias.prefix_bytes(ctx.tensor.n_buckets, 256) - 4
+    offsets[at: at + 4] = np.frombuffer(np.uint32(1).tobytes(), np.uint8)
+    with pytest.raises(ValueError, match="chunk offsets"):
+        comp.decompress_gathered(offsets, ctx)
+    with pytest.raises(ValueError, match="empty"):
+        comp.decompress_gathered(p[:0], ctx)
