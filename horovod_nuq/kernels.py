@@ -38,6 +38,7 @@ _SIGNATURES = {
     "nuq_uniforms": (None, [_u64, _i64, _i64, _F]),
     "nuq_elias_encode": (_i64, [_F, _i64, _i64, _F, _F, _int, _int, _u64, _i64, _U8, _U32]),
     "nuq_elias_decode": (_int, [_U8, _U32, _i64, _i64, _F, _F, _int, _f32, _F, _int]),
+    "nuq_omega8": (None, [_U8]),
 }
 
 # Compiler flag sets, best first: the first one the compiler accepts is used.

@@ -634,28 +634,72 @@ int64_t nuq_elias_encode(const float *x, int64_t n, int64_t B, const float *r, c
     return total;
 }
 
-typedef struct { const uint8_t *p; int64_t pos, end; } bitr_t;  /* bit positions; end = 8 * bytes */
+/* A bit reader over bytes [0, nbytes): `buf` holds the next `cnt` bits at its top. */
+typedef struct { const uint8_t *p; int64_t byte, nbytes; uint64_t buf; int cnt; } bitr_t;
 
-/* The next len (<= 57) bits as an integer; 0 (and nothing read) past the end. */
-static inline int bitr_get(bitr_t *b, int len, uint64_t *v) {
-    if (len > b->end - b->pos) return 0;
-    int64_t byte = b->pos >> 3, avail = (b->end >> 3) - byte;
-    uint64_t word = 0;
-    if (avail >= 8) {
-        memcpy(&word, b->p + byte, 8);
+static inline void bitr_refill(bitr_t *b) {
+    if (b->byte + 8 <= b->nbytes) {  /* whole bytes while they fit: cnt becomes 56..63 */
+        uint64_t w;
+        memcpy(&w, b->p + b->byte, 8);
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-        word = __builtin_bswap64(word);
+        w = __builtin_bswap64(w);
 #endif
+        b->buf |= w >> b->cnt;
+        b->byte += (63 - b->cnt) >> 3;
+        b->cnt |= 56;
     } else {
-        for (int64_t i = 0; i < avail; i++) word |= (uint64_t)b->p[byte + i] << (56 - 8 * i);
+        while (b->cnt <= 56 && b->byte < b->nbytes) {
+            b->buf |= (uint64_t)b->p[b->byte++] << (56 - b->cnt);
+            b->cnt += 8;
+        }
     }
-    *v = len ? (word << (b->pos & 7)) >> (64 - len) : 0;
-    b->pos += len;
+}
+
+/* The next len (1 <= len <= 56) bits as an integer; 0 (and nothing read) past the end. */
+static inline int bitr_get(bitr_t *b, int len, uint64_t *v) {
+    if (len > b->cnt) {
+        bitr_refill(b);
+        if (len > b->cnt) return 0;
+    }
+    *v = b->buf >> (64 - len);
+    b->buf <<= len;
+    b->cnt -= len;
     return 1;
 }
 
-/* An Elias omega code word; 0 when the stream ends inside it or its value exceeds 2^40. */
+/* OMEGA8[byte]: (length << 8 | value) of the omega code word (values 1..15, at most 7 bits)
+ * that starts the byte, or 0 if the word is longer (test_elias.py checks it against omega_code). */
+static const uint16_t OMEGA8[256] = {
+    0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101,
+    0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101,
+    0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101,
+    0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101,
+    0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101,
+    0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101,
+    0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101,
+    0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101,
+    0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302,
+    0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302,
+    0x604, 0x604, 0x604, 0x604, 0x000, 0x000, 0x000, 0x000, 0x605, 0x605, 0x605, 0x605, 0x000, 0x000, 0x000, 0x000,
+    0x606, 0x606, 0x606, 0x606, 0x000, 0x000, 0x000, 0x000, 0x607, 0x607, 0x607, 0x607, 0x000, 0x000, 0x000, 0x000,
+    0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303,
+    0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303,
+    0x708, 0x708, 0x000, 0x000, 0x709, 0x709, 0x000, 0x000, 0x70a, 0x70a, 0x000, 0x000, 0x70b, 0x70b, 0x000, 0x000,
+    0x70c, 0x70c, 0x000, 0x000, 0x70d, 0x70d, 0x000, 0x000, 0x70e, 0x70e, 0x000, 0x000, 0x70f, 0x70f, 0x000, 0x000,
+};
+
+/* An Elias omega code word; 0 when the stream ends inside it or its value exceeds 2^40.
+ * Words of up to 7 bits (values < 16: most gaps and levels) come from one table lookup. */
 static inline uint64_t bitr_omega(bitr_t *b) {
+    if (b->cnt < 8) bitr_refill(b);
+    if (b->cnt >= 8) {
+        const uint16_t e = OMEGA8[b->buf >> 56];
+        if (e) {
+            b->buf <<= e >> 8;
+            b->cnt -= e >> 8;
+            return e & 255;
+        }
+    }
     uint64_t N = 1, bit, rest;
     for (;;) {
         if (!bitr_get(b, 1, &bit)) return 0;
@@ -667,7 +711,7 @@ static inline uint64_t bitr_omega(bitr_t *b) {
 
 /* Decode one chunk's stream into codes (idx + k) of its `len` positions; 0 if malformed. */
 static int elias_chunk(const uint8_t *s, int64_t bytes, int64_t len, int k, uint8_t *code) {
-    bitr_t b = {s, 0, 8 * bytes};
+    bitr_t b = {s, 0, bytes, 0, 0};
     memset(code, k, (size_t)len);
     int64_t pos = -1;
     for (;;) {
@@ -680,10 +724,9 @@ static int elias_chunk(const uint8_t *s, int64_t bytes, int64_t len, int k, uint
         if (level == 0 || level > (uint64_t)k) return 0;
         code[pos] = (uint8_t)(sign ? k - (int)level : k + (int)level);
     }
-    uint64_t pad;  /* the rest up to the byte boundary: zero bits, and nothing after */
-    int left = (int)(b.end - b.pos);
-    if (left >= 8 || !bitr_get(&b, left, &pad) || pad) return 0;
-    return 1;
+    /* the rest up to the byte boundary: zero bits, and nothing after */
+    bitr_refill(&b);
+    return b.byte == b.nbytes && b.cnt < 8 && (b.cnt == 0 || (b.buf >> (64 - b.cnt)) == 0);
 }
 
 /* Decode one rank's Elias streams (chunk c: stream[ends[c-1], ends[c]); the caller checked
@@ -706,3 +749,6 @@ int nuq_elias_decode(const uint8_t *stream, const uint32_t *ends, int64_t count,
     }
     return bad;
 }
+
+/* The decoder's table of short omega code words (for tests). */
+void nuq_omega8(uint16_t *out) { memcpy(out, OMEGA8, sizeof OMEGA8); }

@@ -25,6 +25,18 @@ def test_omega_code_words():
         elias.omega(0)
 
 
+def test_decoder_table_of_short_code_words():
+    """nuq_elias_decode's lookup table: for every byte, the omega word of value < 16 that
+    starts it (its length and value), or 0 where the word is longer."""
+    table = np.zeros(256, np.uint16)
+    kernels.load().nuq_omega8(kernels.ptr(table))
+    for byte in range(256):
+        bits = f"{byte:08b}"
+        match = [v for v in range(1, 16) if bits.startswith(elias.omega(v))]
+        want = (len(elias.omega(match[0])) << 8 | match[0]) if match else 0
+        assert table[byte] == want, (bits, table[byte], want)
+
+
 def _oracle_bits(idx: np.ndarray) -> int:
     """Bytes of the streams of signed indices `idx`, counted from the paper's description."""
     total = 0
