@@ -15,7 +15,9 @@ gathers the packed codes beside a sentinel; "stock-allreduce": summable words, t
 agreement started in the backward hook and the words sent from decompress),
 qsgd/qsgdinf/nuq/tnq/globalqsgd with protocol "allreduce" (horovod_nuq's optimizer: one scale
 agreement per step) and qsgd/qsgdinf/nuq/tnq with protocol "allgather", all other settings at
-their defaults. Configs other than "stock*" run through horovod_nuq.torch.DistributedOptimizer.
+their defaults; "qsgd-elias/stock" and "qsgd-elias/allgather" are QSGDCompressor(encoding="elias")
+(QSGD's Elias-coded payload, gathered) through Horovod's own optimizer and horovod_nuq's.
+Configs other than "stock*" run through horovod_nuq.torch.DistributedOptimizer.
 Rank 0 prints one table (and appends it to benchmarks/results/slow_link.md and one JSON line per
 configuration to benchmarks/results/slow_link.jsonl). `--summarize FILE.jsonl` prints, from those
 lines, which protocol wins per scheme as N and the rate change, and the headline ratios.
@@ -42,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = ["none", "fp16", "nuq/auto", "nuq/stock", "qsgd/stock", "nuq/stock-allreduce",
            "qsgd/stock-allreduce", "qsgd/allreduce", "qsgdinf/allreduce", "nuq/allreduce", "tnq/allreduce",
            "globalqsgd/allreduce", "qsgd/allgather", "qsgdinf/allgather", "nuq/allgather",
-           "tnq/allgather"]
+           "tnq/allgather", "qsgd-elias/stock", "qsgd-elias/allgather"]
 
 
 # ---- model and step ------------------------------------------------------------------------
@@ -94,9 +96,11 @@ def make_compression(name: str, hvd, nuq, clock: Clock, bits, engine: str):
     if name in ("none", "fp16"):
         return TimedCompression(getattr(hvd.Compression, name), clock), name, "allreduce"
     scheme, protocol = name.split("/")
-    cls = nuq.COMPRESSORS[scheme]
+    elias = scheme.endswith("-elias")  # QSGD's Elias-coded payload (gathered, as auto picks)
+    cls = nuq.COMPRESSORS[scheme.removesuffix("-elias")]
     chosen = {"stock": "auto", "stock-allreduce": "allreduce"}.get(protocol, protocol)
-    comp = cls(bits=bits, protocol=chosen, **({"fused": False} if engine == "generic" else {}))
+    comp = cls(bits=bits, protocol=chosen, **({"fused": False} if engine == "generic" else {}),
+               **({"encoding": "elias"} if elias else {}))
     if protocol == "stock":
         protocol = f"stock hvd optimizer, auto: {comp.protocol_for(hvd.size())}"
     elif protocol == "stock-allreduce":

@@ -28,6 +28,7 @@
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's horovod_nuq, not an installed one
 
 if [[ -z "${SLOW_LINK_INSIDE:-}" ]]; then
     missing=()

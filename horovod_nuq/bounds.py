@@ -58,3 +58,26 @@ def relative_variance(scheme: object) -> float | None:
     such bound (TNQ's truncation; Global-QSGD's shared scale)."""
     fn = PER_WORKER.get(getattr(scheme, "name", ""))
     return None if fn is None else fn(scheme.bucket_size, scheme.levels.k)
+
+
+def qsgd_elias_applies(d: int, s: int) -> bool:
+    """Whether Theorem 3.2 of arXiv 1610.02132 covers (d, s): its condition s^2 + sqrt(d) <= d/2."""
+    return s * s + math.sqrt(d) <= d / 2
+
+
+def qsgd_elias_bits(d: int, s: int) -> float:
+    """Expected bits of QSGD's Elias code (Code_s) for one vector of d coordinates and s levels:
+    Theorem 3.2 of arXiv 1610.02132 (the paper's theorem; the NeurIPS Theorem 3.4 prints
+    s^2 + sqrt(d) where s(s + sqrt(d)) belongs),
+
+        (3 + (3/2) log2(2 (s^2 + d) / (s (s + sqrt d)))) s (s + sqrt d) + 32,
+
+    for any v, in expectation over the rounding, when s^2 + sqrt(d) <= d/2
+    (`qsgd_elias_applies`); 32 bits are the float32 norm. The theorem's factor is
+    (3/2 + o(1)): the o(1) term (vanishing as d grows) is dropped here, so this is the
+    asymptotic bound, not a hard one for small d. Its proof counts the non-zeros by
+    Lemma 3.1(iii), E||Q_s(v)||_0 <= s (s + sqrt d)."""
+    if s < 1 or d < 1:
+        raise ValueError(f"need d >= 1 and s >= 1, got d={d}, s={s}")
+    nnz = s * (s + math.sqrt(d))
+    return (3 + 1.5 * math.log2(2 * (s * s + d) / nnz)) * nnz + 32

@@ -42,24 +42,38 @@ class Compressor:
     variance bound omega where omega >= 1 (else 1); a float sets gamma. Residuals are keyed by
     parameter name: horovod_nuq's optimizers, tape and Keras wrapper pass it, Horovod's torch
     optimizer and named `hvd.allreduce(..., name=...)` calls name it; `self.memory` holds them.
+    collectives to use (default: Horovod's, for the tensor's framework). encoding (QSGD only):
+    "fixed" (default; `bits` bits per coordinate) or "elias", the paper's Elias-coded gaps,
+    signs and levels (elias.py), whose payloads differ in length from rank to rank and so
+    travel by allgather only.
     """
 
     scheme_name = ""
     shared_scale_only = False
     gather_only = False  # codes that do not sum (HSQ's codeword indices): allgather only
+    elias_coded = False  # whether encoding="elias" is offered (QSGD's code, with its bound)
 
     def __init__(self, bits: int | None = None, *, levels: int | None = None,
                  bucket_size: int = 512, seed: int | None = None, protocol: str = "auto",
                  process_set: Any = None, fused: bool | None = None, collectives: Any = None,
-                 error_feedback: bool | float = False, **scheme_options: Any) -> None:
+                 error_feedback: bool | float = False, encoding: str = "fixed",
+                 **scheme_options: Any) -> None:
         _check_protocol(protocol)
         _check_seed(seed)
+        if encoding == "elias" and not self.elias_coded:
+            raise ValueError(f"encoding='elias' is QSGD's code (arXiv 1610.02132): use "
+                             f"QSGDCompressor(encoding='elias'); {type(self).__name__} has "
+                             "encoding='fixed' only")
+        if encoding == "elias" and protocol == "allreduce":
+            raise ValueError("encoding='elias' gives each rank a payload of its own length, which "
+                             "cannot be summed: use protocol='allgather' or 'auto' (which gathers)")
         if self.shared_scale_only and protocol == "allgather":
             raise ValueError(f"{type(self).__name__} shares one scale across ranks, which only the "
                              "'allreduce' protocol does; use protocol='allreduce'")
         scheme = schemes.make_scheme(self.scheme_name, bits=bits, levels=levels,
                                      bucket_size=bucket_size, **scheme_options)
-        self._setup(TensorCodec(scheme, seed, fused), protocol, process_set, collectives, error_feedback)
+        self._setup(TensorCodec(scheme, seed, fused, encoding), protocol, process_set, collectives,
+                    error_feedback)
 
     def _setup(self, codec: Any, protocol: str, process_set: Any, collectives: Any,
                error_feedback: bool | float) -> None:
@@ -89,9 +103,14 @@ class Compressor:
     def fused(self) -> bool | None:
         return self.codec.fused
 
+    @property
+    def encoding(self) -> str:
+        return getattr(self.codec, "encoding", "fixed")
+
     def __repr__(self) -> str:
         ef = "" if self.memory is None else f", error_feedback(gamma={self.memory.gamma:.3g})"
-        return f"{type(self).__name__}({self.scheme.describe()}, protocol={self.protocol!r}{ef})"
+        enc = f", encoding={self.encoding!r}" if self.encoding != "fixed" else ""
+        return f"{type(self).__name__}({self.scheme.describe()}, protocol={self.protocol!r}{enc}{ef})"
 
     # ---- Horovod's compression API ------------------------------------------------------
     def compress(self, tensor: Any, *, scale: Any = None, key: str | None = None) -> tuple[Any, Any]:
@@ -116,6 +135,9 @@ class Compressor:
         if scale is not None and self.gather_only:
             raise ValueError(f"{type(self).__name__} runs over the allgather protocol only: call "
                              "compress(tensor) without scale (agree_scales does not apply)")
+        if scale is not None and self.encoding == "elias":
+            raise ValueError("encoding='elias' payloads are gathered, not summed: compress(tensor) "
+                             "without scale= (agree_scales belongs to the allreduce protocol)")
         tensor, keep = self._feedback(tensor, key if key is not None else site.name)
         if scale is None and self.protocol_for(coll.size(process_set)) == "allgather":
             return self._sentinel_gather.compress(self.codec, coll, self.stats, tensor, process_set, keep)
@@ -241,13 +263,15 @@ def _set_id(process_set: Any) -> Any:
     return getattr(process_set, "process_set_id", process_set)
 
 
-def _compressor(name: str, scheme: str, doc: str, shared_scale_only: bool = False) -> type:
+def _compressor(name: str, scheme: str, doc: str, shared_scale_only: bool = False,
+                elias_coded: bool = False) -> type:
     return type(name, (Compressor,), {"scheme_name": scheme, "__doc__": doc,
-                                      "shared_scale_only": shared_scale_only})
+                                      "shared_scale_only": shared_scale_only, "elias_coded": elias_coded})
 
 
 QSGDCompressor = _compressor("QSGDCompressor", "qsgd",
-                             "QSGD: uniform levels, L2 scale per bucket (default 4 bits, bucket 512).")
+                             "QSGD: uniform levels, L2 scale per bucket (default 4 bits, bucket 512); "
+                             "encoding='elias' sends the paper's Elias-coded payload.", elias_coded=True)
 QSGDInfCompressor = _compressor("QSGDInfCompressor", "qsgdinf",
                                 "QSGDinf: uniform levels, max-norm scale per bucket.")
 NUQCompressor = _compressor("NUQCompressor", "nuqsgd",

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import codec, kernels, wire
+from . import codec, elias, kernels, wire
 from .backends import Backend
 from .backends.base import host_empty
 from .schemes import Scheme
@@ -146,6 +146,45 @@ class FusedEngine(GenericEngine):
     def finish_codes(self, acc: np.ndarray, like: Array, nb: int) -> Array:
         return self.xp.reshape(self.xp.constant(acc, like), [nb, self.scheme.bucket_size])
 
+    # ---- QSGD's Elias code (elias.py): the same codes, entropy coded -------------------
+    def encode_elias(self, x: np.ndarray, r: Array, draws: Any, settings_id: float) -> Array:
+        """One rank's whole Elias payload (header, scales, chunk offsets, streams)."""
+        s, t = self.scheme, self.tables
+        rn = self._np(r, np.float32)
+        count = rn.size * s.bucket_size
+        nc = elias.chunks(count)
+        prefix = elias.prefix_bytes(rn.size, count)
+        out = host_empty(prefix + nc * elias.chunk_capacity(elias.CHUNK, t.k), np.uint8)
+        ends = np.empty(nc, np.uint32)
+        self.lib.nuq_elias_encode(kernels.ptr(x), x.size, s.bucket_size, kernels.ptr(rn),
+                                  kernels.ptr(self._levels), t.k, int(t.uniform), draws.key(),
+                                  elias.chunk_capacity(elias.CHUNK, t.k), out[prefix:].ctypes.data,
+                                  kernels.ptr(ends))
+        total = elias.frame(settings_id, rn, ends, out)
+        return self.xp.constant(out[:total], r)
+
+    def decode_elias(self, gathered: Array, nb: int, settings_id: float, factor: float | None,
+                     describe: str) -> tuple[np.ndarray, int]:
+        """factor (None: 1 / ranks) times the sum of every rank's decoded Elias payload, and
+        the number of ranks."""
+        s = self.scheme
+        count = nb * s.bucket_size
+        parts = elias.split_ranks(self.xp.to_numpy(gathered), nb, count, settings_id, describe)
+        scale = np.float32(1.0 / len(parts) if factor is None else factor)
+        out = host_empty(count, np.float32)
+        for i, (scales, ends, stream) in enumerate(parts):
+            rn = np.ascontiguousarray(scales, np.float32)
+            ends = np.ascontiguousarray(ends)
+            stream = np.ascontiguousarray(stream) if stream.size else np.zeros(1, np.uint8)
+            bad = self.lib.nuq_elias_decode(kernels.ptr(stream), kernels.ptr(ends), count, s.bucket_size,
+                                            kernels.ptr(rn), kernels.ptr(self._signed_values),
+                                            self.tables.k, scale, kernels.ptr(out), int(i == 0))
+            if bad:
+                raise ValueError(f"Elias allgather payload of rank {i} is malformed (a code word runs "
+                                 f"past its chunk, a gap past the tensor, a level above k = "
+                                 f"{self.tables.k}, or stray bits): corrupt or made with other settings")
+        return out, len(parts)
+
 
 class GraphFusedEngine(GenericEngine):
     """The fused kernels inside a tf.function: each stage runs as a tf.numpy_function on the
@@ -197,3 +236,18 @@ class GraphFusedEngine(GenericEngine):
 
     def finish_codes(self, acc: Array, like: Array, nb: int) -> Array:
         return self.xp.reshape(acc, [nb, self.scheme.bucket_size])
+
+    def encode_elias(self, x: Array, r: Array, draws: Any, settings_id: float) -> Array:
+        """The Elias payload as a graph op; its length is known only when it runs."""
+        import tensorflow as tf
+
+        out = tf.numpy_function(lambda a, s: self.host.encode_elias(a, s, draws, settings_id), [x, r],
+                                tf.uint8, stateful=True)
+        out.set_shape([None])
+        return out
+
+    def decode_elias(self, gathered: Array, nb: int, settings_id: float, factor: float | None,
+                     describe: str) -> tuple[Array, None]:
+        size = nb * self.scheme.bucket_size
+        fn = lambda g: self.host.decode_elias(g, nb, settings_id, factor, describe)[0]
+        return self._call(fn, [gathered], "float32", size), None

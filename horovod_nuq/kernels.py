@@ -24,9 +24,9 @@ import numpy as np
 SOURCE = Path(__file__).with_name("csrc") / "nuq_kernels.c"
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
 
-# array arguments (float, double, uint8, int64 pointers) are passed as raw addresses (`ptr`):
+# array arguments (float, double, uint8, uint32, int64 pointers) are passed as raw addresses (`ptr`):
 # ~1 us per call instead of ~3 for data_as; the names only document the C types
-_F = _D = _U8 = _I64 = ctypes.c_void_p
+_F = _D = _U8 = _U32 = _I64 = ctypes.c_void_p
 _i64, _int, _u64, _f32, _f64 = ctypes.c_int64, ctypes.c_int, ctypes.c_uint64, ctypes.c_float, ctypes.c_double
 
 _SIGNATURES = {
@@ -36,6 +36,9 @@ _SIGNATURES = {
     "nuq_decode_codes": (_int, [_U8, _i64, _i64, _F, _F, _int, _int, _f32, _F, _int]),
     "nuq_decode_sums": (_int, [_D, _i64, _i64, _f64, _int, _int, _i64, _F, _f32, _F]),
     "nuq_uniforms": (None, [_u64, _i64, _i64, _F]),
+    "nuq_elias_encode": (_i64, [_F, _i64, _i64, _F, _F, _int, _int, _u64, _i64, _U8, _U32]),
+    "nuq_elias_decode": (_int, [_U8, _U32, _i64, _i64, _F, _F, _int, _f32, _F, _int]),
+    "nuq_omega8": (None, [_U8]),
 }
 
 # Compiler flag sets, best first: the first one the compiler accepts is used.

@@ -23,20 +23,49 @@ SENTINEL_BYTES = 24  # the 3 float64 words Horovod reduces beside a gathered pay
 def payload_bytes(tc: TensorCodec, numel: int, ranks: int, protocol: str) -> int:
     """Bytes one rank hands to the collectives for a tensor of `numel` elements over `ranks`
     ranks: allgather, its packed payload; allreduce, the summable words plus the scale
-    agreement (float32 scales and two config ids)."""
+    agreement (float32 scales and two config ids). Elias-coded payloads depend on the data:
+    their size here is `elias_payload_bytes`, an estimate (see there)."""
+    if getattr(tc, "encoding", "fixed") == "elias":
+        if protocol != "allgather":
+            raise ValueError("encoding='elias' payloads travel by allgather only")
+        return elias_payload_bytes(tc, numel)
     if protocol == "allgather":
         return tc.gathered_payload_bytes(numel)
     nb = _codec.n_buckets(numel, tc.scheme.bucket_size)
     return tc.layout(ranks).payload_bytes(nb * tc.scheme.bucket_size) + 4 * (nb + 2)
 
 
+def elias_payload_bytes(tc: TensorCodec, numel: int) -> int:
+    """Estimated bytes of one rank's Elias payload for `numel` elements: the frame (header,
+    float32 scales, chunk offsets) plus, per bucket of d coordinates, the expected code bits
+    that QSGD's Theorem 3.2 bounds (bounds.qsgd_elias_bits, without its 32-bit norm, which the
+    scales count) where the theorem's condition s^2 + sqrt(d) <= d/2 holds. Elsewhere (dense
+    codes, s near sqrt(d)) no bound applies to this sparse code and the fixed-width code's
+    size stands in, an overestimate there (measured: benchmarks/results/elias_bits.md)."""
+    from . import bounds, elias
+
+    bs, s = tc.scheme.bucket_size, tc.scheme.levels.k
+    nb = _codec.n_buckets(numel, bs)
+    last = numel - (nb - 1) * bs
+    bits = 0.0
+    for d, count in ((bs, nb - 1), (last, 1)):
+        if count == 0:
+            continue
+        if bounds.qsgd_elias_applies(d, s):
+            bits += count * (bounds.qsgd_elias_bits(d, s) - 32)
+        else:
+            bits += count * d * tc.scheme.code_bits
+    return elias.prefix_bytes(nb, nb * bs) + int(-(-bits // 8)) + 4 * elias.chunks(nb * bs)  # + terminators
+
+
 def protocol_for(tc: TensorCodec, protocol: str, shared_scale_only: bool, ranks: int,
                  gather_only: bool = False) -> str:
     """The protocol `protocol` ("auto", "allreduce" or "allgather") resolves to over `ranks`
-    (`gather_only`: codes that do not sum, such as HSQ's codeword indices)."""
+    (`gather_only`: codes that do not sum, such as HSQ's codeword indices; Elias-coded payloads
+    of per-rank lengths do not sum either)."""
     if protocol != "auto":
         return protocol
-    if gather_only:
+    if gather_only or getattr(tc, "encoding", "fixed") == "elias":
         return "allgather"
     if shared_scale_only or ranks <= 1:
         return "allreduce"

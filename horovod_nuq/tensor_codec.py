@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import codec, engines, kernels, schemes, wire
+from . import codec, elias, engines, kernels, schemes, wire
 from .backends import Backend, backend_for
 
 
@@ -28,14 +28,31 @@ class Context:
     n_buckets: int
 
 
+ENCODINGS = ("fixed", "elias")
+
+
 class TensorCodec:
     """Encode and decode one scheme's payloads (see module doc). `fused`: None uses the C
-    kernels for host tensors when they build, False never, True insists."""
+    kernels for host tensors when they build, False never, True insists. `encoding`: the
+    per-worker codes fixed-width ("fixed") or Elias coded ("elias", elias.py; always through
+    the C kernels, on a host copy of the tensor)."""
 
-    def __init__(self, scheme: schemes.Scheme, seed: int | None = None, fused: bool | None = None) -> None:
+    def __init__(self, scheme: schemes.Scheme, seed: int | None = None, fused: bool | None = None,
+                 encoding: str = "fixed") -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
+        if encoding == "elias":
+            if fused is False:
+                raise ValueError("encoding='elias' runs in the fused C kernels; fused=False turns them "
+                                 "off. Drop fused=False or use encoding='fixed'.")
+            if kernels.load() is None:
+                raise RuntimeError("encoding='elias' needs the fused C kernels, which cannot be built "
+                                   "here (no C compiler, or HOROVOD_NUQ_KERNELS=0): install gcc or set "
+                                   "CC, or use encoding='fixed'")
         self.scheme = scheme
         self.seed = seed
         self.fused = fused
+        self.encoding = encoding
         self.tables = codec.Tables(scheme)
         self._engines: dict[Any, engines.GenericEngine] = {}
         self._layouts: dict[int, wire.SumLayout] = {}
@@ -55,7 +72,8 @@ class TensorCodec:
     def engine(self, xp: Backend, tensor: Any) -> engines.GenericEngine:
         """The fused kernels when available (and fused is not False): C for host tensors,
         Triton for torch CUDA tensors; else the generic codec."""
-        lib = kernels.load() if self.fused is not False and xp.on_host(tensor) else None
+        elias_host = self.encoding == "elias"  # Elias coding: the C kernels on a host copy
+        lib = kernels.load() if self.fused is not False and (xp.on_host(tensor) or elias_host) else None
         if lib is not None:
             cls = engines.GraphFusedEngine if xp.symbolic(tensor) else engines.FusedEngine
         elif self.fused is not False and xp.name == "torch" and _cuda().usable(tensor):
@@ -74,9 +92,13 @@ class TensorCodec:
     def settings_id(self, numel: int | None) -> float:
         """The settings (and tensor size, if given) as a float32-exact integer ranks can compare."""
         if numel not in self._ids:
-            text = self.scheme.describe() + ("" if numel is None else f"/{numel}")
+            text = self.describe() + ("" if numel is None else f"/{numel}")
             self._ids[numel] = float(zlib.crc32(text.encode()) % (1 << 24))
         return self._ids[numel]
+
+    def describe(self) -> str:
+        """The scheme's settings, and the encoding where it is not the default."""
+        return self.scheme.describe() + (f"+{self.encoding}" if self.encoding != "fixed" else "")
 
     def layout(self, ranks: int) -> wire.SumLayout:
         """Field widths of summable words for sums over `ranks` ranks (refused if useless)."""
@@ -106,10 +128,12 @@ class TensorCodec:
         return 4 + 4 * n_buckets + codes
 
     def encode_codes(self, tensor: Any, coll: Any) -> tuple[Any, Context]:
-        """This rank's float32 scales and bit-packed codes as one uint8 payload."""
+        """This rank's float32 scales and bit-packed (or Elias-coded) codes as one uint8 payload."""
         xp = self.frontend(tensor)
         engine, ctx = self.engine(xp, tensor), self.context(xp, tensor)
         work, r = engine.scales(tensor, ctx.numel)
+        if self.encoding == "elias":
+            return engine.encode_elias(work, r, self.draws(coll), self.settings_id(ctx.numel)), ctx
         header = xp.constant(np.array([self.settings_id(ctx.numel)], dtype=np.float32), r)
         payload = xp.concat([xp.bitcast(header, "uint8"), xp.bitcast(r, "uint8"),
                              engine.encode_codes(work, r, self.draws(coll))])
@@ -120,6 +144,11 @@ class TensorCodec:
         factor: 1 / ranks, the average)."""
         xp = backend_for(gathered)
         nb = ctx.n_buckets
+        if self.encoding == "elias":  # self-delimiting payloads of different lengths
+            engine = self.engine(xp, gathered)
+            acc, _ = engine.decode_elias(gathered, nb, self.settings_id(ctx.numel), factor, self.describe())
+            acc = engine.finish_codes(acc, gathered, nb)
+            return codec.from_buckets(xp, acc, ctx.numel, ctx.shape, ctx.dtype)
         per_rank = self.gathered_bytes(nb)
         total = xp.numel(gathered)
         if total == 0 or total % per_rank:
@@ -135,7 +164,7 @@ class TensorCodec:
             header, scale_bytes, codes = xp.split(part, [4, 4 * nb, per_rank - 4 - 4 * nb])
             xp.require(xp.max_all(xp.abs(xp.bitcast(header, "float32") - np.float32(tid))) == 0,
                        f"allgather payload of rank {i} was made with other compressor settings or "
-                       f"another tensor size than this rank's {self.scheme.describe()} for "
+                       f"another tensor size than this rank's {self.describe()} for "
                        f"{ctx.numel} elements (or is corrupt). Give every rank the same compressor.")
             acc = engine.decode_codes(codes, xp.bitcast(scale_bytes, "float32"), nb, acc, factor)
         acc = engine.finish_codes(acc, gathered, nb)
@@ -143,7 +172,12 @@ class TensorCodec:
 
     def ranks_in(self, gathered: Any, ctx: Context) -> int:
         """How many rank payloads an allgather result holds."""
-        return backend_for(gathered).numel(gathered) // self.gathered_bytes(ctx.n_buckets)
+        xp = backend_for(gathered)
+        if self.encoding == "elias":
+            return len(elias.split_ranks(xp.to_numpy(gathered), ctx.n_buckets,
+                                         ctx.n_buckets * self.scheme.bucket_size,
+                                         self.settings_id(ctx.numel), self.describe()))
+        return xp.numel(gathered) // self.gathered_bytes(ctx.n_buckets)
 
     # ---- summable words (shared grid) --------------------------------------------------
     def local_scales(self, tensor: Any) -> tuple[Backend, Any, Context, Any, Any]:

@@ -117,7 +117,7 @@ def agree(codec: TensorCodec, coll: Any, xp: Any, r: Any, process_set: Any, desc
     same = xp.max_all(xp.abs(xp.row_sum(xp.reshape(ids, [1, 2])))) == 0
     if xp.symbolic(same):
         xp.require(same, f"ranks use different compressor settings; this rank uses "
-                         f"{codec.scheme.describe()}. Give every rank the same compressor.")
+                         f"{codec.describe()}. Give every rank the same compressor.")
     elif not bool(same):  # every rank sees the same ids, so every rank takes this branch
         configs = coll.gather_text(describe, process_set)
         listing = "; ".join(f"rank {i}: {c}" for i, c in enumerate(configs))
@@ -134,7 +134,7 @@ class Gathered:
     def compress(self, codec: TensorCodec, coll: Any, stats: Any, tensor: Any,
                  keep: Keep = None) -> tuple[Any, GatheredContext]:
         payload, ctx = _encode_codes(codec, coll, tensor, keep)
-        coll.record(stats, backend_for(payload).numel(payload), ctx.numel)
+        coll.record(stats, backend_for(payload).byte_count(payload), ctx.numel)
         return payload, GatheredContext(ctx)
 
     def decompress(self, codec: TensorCodec, gathered: Any, ctx: GatheredContext) -> Any:
@@ -205,7 +205,7 @@ class SentinelGather:
             raise
         if name is not None:
             _hold_slot(coll, "g", ctx.numel, tag, handle)
-        coll.record(stats, xp.numel(payload) + 8 * wire.SENTINEL_WORDS, ctx.numel)
+        coll.record(stats, xp.byte_count(payload) + 8 * wire.SENTINEL_WORDS, ctx.numel)
         return xp.constant(wire.sentinel(tag), payload), InFlightContext(ctx, handle, tag, name)
 
     def decompress(self, codec: TensorCodec, coll: Any, reduced: Any, ctx: InFlightContext) -> Any:
@@ -276,7 +276,7 @@ class DeferredSummable:
         if not bool(xp.max_all(xp.abs(xp.row_sum(xp.reshape(ids, [1, 2])))) == 0):
             # every rank sees the same ids, so every rank raises here, after one gather
             listing = "; ".join(f"rank {i}: {c}" for i, c in
-                                enumerate(coll.gather_text(codec.scheme.describe(), entry.process_set)))
+                                enumerate(coll.gather_text(codec.describe(), entry.process_set)))
             raise ValueError(f"ranks use different compressor settings ({listing}). "
                              "Give every rank the same compressor.")
         entry.scale = scale

@@ -96,6 +96,11 @@ class Backend:
         """U[0, 1) float32 draws from the generator `state` made by `make_rng`."""
     def make_rng(self, seed: int, like: Array) -> Any: ...
 
+    def byte_count(self, x: Array) -> Any:
+        """Elements of a 1-d uint8 payload: an int, or (graphs, a length known only when the
+        graph runs, as of Elias payloads) a scalar tensor."""
+        return self.numel(x)
+
     def symbolic(self, x: Array) -> bool:
         """True for graph tensors whose value is unknown until run time (tf.function)."""
         return False

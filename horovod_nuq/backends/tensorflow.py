@@ -122,6 +122,10 @@ class TFBackend(Backend):
 
     def symbolic(self, x): return not tf.executing_eagerly()
 
+    def byte_count(self, x):
+        n = x.shape.num_elements()
+        return int(n) if n is not None else tf.size(x, out_type=tf.int64)
+
     def require(self, ok, message):
         if tf.executing_eagerly():
             return super().require(ok, message)

@@ -556,3 +556,199 @@ int nuq_decode_sums(const double *words, int64_t count, int64_t B, double factor
     }
     return bad;
 }
+
+/* ---- QSGD's Elias coding (Alistarh et al., arXiv 1610.02132, Section 3.2) ----------------
+ * An entropy-coding pass over the same codes (idx + k) the fixed-width encoder makes from the
+ * same draws. The count = nb * B codes are cut into chunks of ELIAS_CHUNK (the unit of
+ * parallel work); each chunk is a byte-aligned bit stream, most significant bit first, of one
+ * triple per non-zero code: Elias omega (recursive) code of the gap to it (the position of the
+ * first non-zero counting from 1, then the distance from the previous one), a sign bit (1 =
+ * negative), the Elias omega code of its level index in [1, k]; then the gap that lands one
+ * past the chunk's end (the terminator) and zero bits to the byte boundary. */
+#define ELIAS_CHUNK 65536
+
+typedef struct { uint8_t *p; uint64_t acc; int n; } bitw_t;  /* acc: n pending bits (n < 8) */
+
+static inline void bitw_put(bitw_t *w, uint64_t v, int len) {  /* len <= 32 */
+    w->acc = (w->acc << len) | v;
+    w->n += len;
+    while (w->n >= 8) { w->n -= 8; *w->p++ = (uint8_t)(w->acc >> w->n); }
+}
+
+/* Elias omega code of N >= 1 (N < 2^26): its length; the code in the low bits of *code. */
+static inline int omega_code(uint64_t N, uint64_t *code) {
+    uint64_t c = 0;
+    int len = 1;  /* the final 0 */
+    while (N > 1) {
+        int nb = 64 - __builtin_clzll(N);
+        c |= N << len;
+        len += nb;
+        N = (uint64_t)(nb - 1);
+    }
+    *code = c;
+    return len;
+}
+
+static inline void bitw_omega(bitw_t *w, uint64_t N) {
+    uint64_t c;
+    int len = omega_code(N, &c);
+    if (len > 32) { bitw_put(w, c >> 32, len - 32); len = 32; c &= 0xffffffffULL; }
+    bitw_put(w, c, len);
+}
+
+/* Encode: chunk c's stream is written at out + c * cap (cap bytes may hold its worst case),
+ * then the streams are moved together; ends[c] = end of chunk c's bytes. Returns the bytes. */
+int64_t nuq_elias_encode(const float *x, int64_t n, int64_t B, const float *r, const float *lv, int k,
+                         int uniform, uint64_t key, int64_t cap, uint8_t *out, uint32_t *ends) {
+    int64_t nb = n > 0 ? (n + B - 1) / B : 1, count = nb * B;
+    int64_t chunks = (count + ELIAS_CHUNK - 1) / ELIAS_CHUNK;
+    #pragma omp parallel for schedule(dynamic, 1) if (count > PAR_MIN)
+    for (int64_t c = 0; c < chunks; c++) {
+        uint8_t code[BLOCK];
+        int64_t c0 = c * ELIAS_CHUNK, c1 = c0 + ELIAS_CHUNK < count ? c0 + ELIAS_CHUNK : count;
+        bitw_t w = {out + c * cap, 0, 0};
+        int64_t last = -1;  /* position of the previous non-zero, relative to c0 */
+        for (int64_t i0 = c0; i0 < c1; i0 += BLOCK) {
+            int64_t i1 = i0 + BLOCK < c1 ? i0 + BLOCK : c1;
+            quant_range(x, n, B, r, lv, k, uniform, key, i0, i1, code);
+            for (int t = 0; t < (int)(i1 - i0); t++) {
+                if (code[t] == k) continue;
+                int64_t p = i0 - c0 + t;
+                bitw_omega(&w, (uint64_t)(p - last));
+                bitw_put(&w, code[t] < k, 1);
+                bitw_omega(&w, (uint64_t)(code[t] < k ? k - code[t] : code[t] - k));
+                last = p;
+            }
+        }
+        bitw_omega(&w, (uint64_t)(c1 - c0 - last));  /* lands on c1: the end */
+        if (w.n) *w.p++ = (uint8_t)(w.acc << (8 - w.n));
+        ends[c] = (uint32_t)(w.p - (out + c * cap));
+    }
+    int64_t total = 0;
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t len = ends[c];
+        if (total != c * cap) memmove(out + total, out + c * cap, (size_t)len);
+        total += len;
+        ends[c] = (uint32_t)total;
+    }
+    return total;
+}
+
+/* A bit reader over bytes [0, nbytes): `buf` holds the next `cnt` bits at its top. */
+typedef struct { const uint8_t *p; int64_t byte, nbytes; uint64_t buf; int cnt; } bitr_t;
+
+static inline void bitr_refill(bitr_t *b) {
+    if (b->byte + 8 <= b->nbytes) {  /* whole bytes while they fit: cnt becomes 56..63 */
+        uint64_t w;
+        memcpy(&w, b->p + b->byte, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        w = __builtin_bswap64(w);
+#endif
+        b->buf |= w >> b->cnt;
+        b->byte += (63 - b->cnt) >> 3;
+        b->cnt |= 56;
+    } else {
+        while (b->cnt <= 56 && b->byte < b->nbytes) {
+            b->buf |= (uint64_t)b->p[b->byte++] << (56 - b->cnt);
+            b->cnt += 8;
+        }
+    }
+}
+
+/* The next len (1 <= len <= 56) bits as an integer; 0 (and nothing read) past the end. */
+static inline int bitr_get(bitr_t *b, int len, uint64_t *v) {
+    if (len > b->cnt) {
+        bitr_refill(b);
+        if (len > b->cnt) return 0;
+    }
+    *v = b->buf >> (64 - len);
+    b->buf <<= len;
+    b->cnt -= len;
+    return 1;
+}
+
+/* OMEGA8[byte]: (length << 8 | value) of the omega code word (values 1..15, at most 7 bits)
+ * that starts the byte, or 0 if the word is longer (test_elias.py checks it against omega_code). */
+static const uint16_t OMEGA8[256] = {
+    0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101,
+    0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101,
+    0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101,
+    0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101,
+    0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101,
+    0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101,
+    0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101,
+    0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101, 0x101,
+    0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302,
+    0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302, 0x302,
+    0x604, 0x604, 0x604, 0x604, 0x000, 0x000, 0x000, 0x000, 0x605, 0x605, 0x605, 0x605, 0x000, 0x000, 0x000, 0x000,
+    0x606, 0x606, 0x606, 0x606, 0x000, 0x000, 0x000, 0x000, 0x607, 0x607, 0x607, 0x607, 0x000, 0x000, 0x000, 0x000,
+    0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303,
+    0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303, 0x303,
+    0x708, 0x708, 0x000, 0x000, 0x709, 0x709, 0x000, 0x000, 0x70a, 0x70a, 0x000, 0x000, 0x70b, 0x70b, 0x000, 0x000,
+    0x70c, 0x70c, 0x000, 0x000, 0x70d, 0x70d, 0x000, 0x000, 0x70e, 0x70e, 0x000, 0x000, 0x70f, 0x70f, 0x000, 0x000,
+};
+
+/* An Elias omega code word; 0 when the stream ends inside it or its value exceeds 2^40.
+ * Words of up to 7 bits (values < 16: most gaps and levels) come from one table lookup. */
+static inline uint64_t bitr_omega(bitr_t *b) {
+    if (b->cnt < 8) bitr_refill(b);
+    if (b->cnt >= 8) {
+        const uint16_t e = OMEGA8[b->buf >> 56];
+        if (e) {
+            b->buf <<= e >> 8;
+            b->cnt -= e >> 8;
+            return e & 255;
+        }
+    }
+    uint64_t N = 1, bit, rest;
+    for (;;) {
+        if (!bitr_get(b, 1, &bit)) return 0;
+        if (!bit) return N;
+        if (N > 40 || !bitr_get(b, (int)N, &rest)) return 0;
+        N = (1ULL << N) | rest;
+    }
+}
+
+/* Decode one chunk's stream into codes (idx + k) of its `len` positions; 0 if malformed. */
+static int elias_chunk(const uint8_t *s, int64_t bytes, int64_t len, int k, uint8_t *code) {
+    bitr_t b = {s, 0, bytes, 0, 0};
+    memset(code, k, (size_t)len);
+    int64_t pos = -1;
+    for (;;) {
+        uint64_t gap = bitr_omega(&b), sign, level;
+        if (gap == 0 || gap > (uint64_t)(len - pos)) return 0;
+        pos += (int64_t)gap;
+        if (pos == len) break;
+        if (!bitr_get(&b, 1, &sign)) return 0;
+        level = bitr_omega(&b);
+        if (level == 0 || level > (uint64_t)k) return 0;
+        code[pos] = (uint8_t)(sign ? k - (int)level : k + (int)level);
+    }
+    /* the rest up to the byte boundary: zero bits, and nothing after */
+    bitr_refill(&b);
+    return b.byte == b.nbytes && b.cnt < 8 && (b.cnt == 0 || (b.buf >> (64 - b.cnt)) == 0);
+}
+
+/* Decode one rank's Elias streams (chunk c: stream[ends[c-1], ends[c]); the caller checked
+ * the ends are non-decreasing and within `bytes`) and add r * level * scale into acc (or
+ * store when first), exactly as nuq_decode_codes does for the same codes. Returns 1 if a
+ * chunk is malformed (then acc is incomplete). */
+int nuq_elias_decode(const uint8_t *stream, const uint32_t *ends, int64_t count, int64_t B, const float *r,
+                     const float *signed_values, int k, float scale, float *acc, int first) {
+    int64_t chunks = (count + ELIAS_CHUNK - 1) / ELIAS_CHUNK;
+    float tab[256] = {0};
+    memcpy(tab, signed_values, sizeof(float) * (size_t)(2 * k + 1));
+    int bad = 0;
+    #pragma omp parallel for schedule(dynamic, 1) reduction(| : bad) if (count > PAR_MIN)
+    for (int64_t c = 0; c < chunks; c++) {
+        uint8_t code[ELIAS_CHUNK];
+        int64_t c0 = c * ELIAS_CHUNK, c1 = c0 + ELIAS_CHUNK < count ? c0 + ELIAS_CHUNK : count;
+        uint32_t lo = c ? ends[c - 1] : 0;
+        if (!elias_chunk(stream + lo, (int64_t)(ends[c] - lo), c1 - c0, k, code)) { bad = 1; continue; }
+        scale_range(code, tab, 2 * k < 16, r, scale, B, c0, c1, acc, first);
+    }
+    return bad;
+}
+
+/* The decoder's table of short omega code words (for tests). */
+void nuq_omega8(uint16_t *out) { memcpy(out, OMEGA8, sizeof OMEGA8); }

@@ -35,7 +35,8 @@ def _allgather_one(hvd: Any, g: Any, compression: Any, average: bool, process_se
     if _hvd.backend_name() == "tensorflow":
         import tensorflow as tf
 
-        gathered = tf.reshape(gathered, [process_set.size() * payload.shape[0]])  # static shape
+        if payload.shape[0] is not None and not tf.executing_eagerly():  # fixed width: static shape
+            gathered = tf.reshape(gathered, [process_set.size() * payload.shape[0]])
     return compression.decompress_gathered(gathered, ctx, average)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import horovod.tensorflow as hvd
+import numpy as np
 import tensorflow as tf
 
 from .. import collectives
@@ -16,8 +17,11 @@ class TFCollectives(collectives.HorovodCollectives):
     (unique and stable), so no names are given here."""
 
     def allgather_async(self, x: Any, name: str | None, process_set: Any = None) -> Any:
-        """Every rank's 1-d `x` (all of one length), with the static shape decoding needs."""
+        """Every rank's 1-d `x`: with the static shape decoding needs when all ranks' are of
+        one static length; else (Elias payloads, lengths known at run time) as gathered."""
         out = hvd.allgather(x, **collectives._ps(process_set))
+        if x.shape[0] is None or tf.executing_eagerly():
+            return out
         return tf.reshape(out, [self.size(process_set) * int(x.shape[0])])
 
     def wait(self, handle: Any) -> Any:
@@ -26,11 +30,16 @@ class TFCollectives(collectives.HorovodCollectives):
     def poll(self, handle: Any) -> bool:
         return True
 
-    def record(self, stats: Any, sent: int, numel: int) -> None:
+    def record(self, stats: Any, sent: Any, numel: int) -> None:
+        """Count `sent` bytes when the graph runs; `sent` may be a run-time scalar tensor (the
+        length of an Elias payload)."""
         if tf.executing_eagerly():
-            stats.record(sent, numel)
-            return
-        run_time_call(lambda: stats.record(sent, numel) or 0)
+            stats.record(int(sent), numel)
+        elif isinstance(sent, tf.Tensor):
+            tf.numpy_function(lambda s: np.int64(stats.record(int(s), numel) or 0), [sent], tf.int64,
+                              stateful=True)
+        else:
+            run_time_call(lambda: stats.record(sent, numel) or 0)
 
 
 COLLECTIVES = TFCollectives(hvd, stable_names=False)

@@ -43,7 +43,8 @@ def _reduce_grads_fn(compression: Any, op: Any, process_set: Any, gathers: bool,
                 continue
             payload, ctx = compression.compress_for_allgather(g, key=key)
             gathered = hvd.allgather(payload, name=f"nuq_grad_{i}", process_set=process_set)
-            gathered = tf.reshape(gathered, [process_set.size() * payload.shape[0]])  # static shape
+            if payload.shape[0] is not None:  # fixed-width codes: the static shape (Elias: run time)
+                gathered = tf.reshape(gathered, [process_set.size() * payload.shape[0]])
             out.append(compression.decompress_gathered(gathered, ctx, average))
         return out
 

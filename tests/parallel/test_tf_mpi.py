@@ -348,3 +348,60 @@ def test_hsq_tape_decodes_the_ranks_oracle_average(tape_cls, op, graph):
     assert clear.mean() > 0.95
     np.testing.assert_allclose(got[clear], want[clear], rtol=1e-4, atol=1e-5 * np.abs(want).max())
     assert all_same(got)
+
+
+# ---- QSGD's Elias encoding: per-rank payload lengths, eager and inside tf.function --------
+def _elias_pair():
+    """Elias-coded and fixed-width QSGD with one seed: the same draws, so the same codes."""
+    return (nuq.QSGDCompressor(levels=2, bucket_size=256, seed=21, encoding="elias"),
+            nuq.QSGDCompressor(levels=2, bucket_size=256, seed=21, protocol="allgather"))
+
+
+def _same_bits(a, b) -> bool:
+    return np.array_equal(np.asarray(a, np.float32).view(np.uint32), np.asarray(b, np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("mode", ["eager", "tf.function"])
+def test_elias_allreduce_decodes_like_fixed(mode):
+    """Horovod's allreduce(compression=) (sentinel + gather; in graphs the payload's length
+    is known only at run time): every rank decodes the same tensor, bit for bit the
+    fixed-width decode of the same draws, for two calls (fresh draws each)."""
+    g = tf.constant(rank_gradient(RANK, 3000))
+    outs = {}
+    for comp in _elias_pair():
+        fn = lambda x, c=comp: hvd.allreduce(x, compression=c)
+        fn = tf.function(fn) if mode == "tf.function" else fn
+        outs[comp.encoding] = [fn(g).numpy() for _ in range(2)]
+        assert comp.stats.total_bytes > 0
+    for got, want in zip(outs["elias"], outs["fixed"]):
+        assert _same_bits(got, want) and all_same(got)
+    assert not _same_bits(outs["elias"][0], outs["elias"][1])  # fresh draws per call
+
+
+@pytest.mark.parametrize("tape_cls", ["stock", "nuq"])
+def test_elias_tape_decodes_like_fixed(tape_cls):
+    """Horovod's DistributedGradientTape (sentinel + gather) and horovod_nuq's (a direct
+    allgather of payloads of per-rank lengths) inside one tf.function: every rank gets the
+    same gradient, bit for bit the fixed-width code's for the same draws, on two runs (fresh
+    draws each); the Elias payloads are the smaller. (One gradient per tape, so each
+    compressor draws its keys in one order whatever order the graph runs its ops in.)"""
+    factory = hvd.DistributedGradientTape if tape_cls == "stock" else nuq.DistributedGradientTape
+    layer = tf.keras.layers.Dense(64, use_bias=False)
+    layer.build((None, 40))
+    coded, fixed = _elias_pair()
+    x = tf.constant(np.random.default_rng(60 + RANK).standard_normal((8, 40)).astype(np.float32) * (1 + RANK))
+
+    @tf.function
+    def grads():
+        out = []
+        for comp in (coded, fixed):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(tf.square(layer(x)))
+            out.append(factory(tape, compression=comp).gradient(loss, layer.trainable_variables)[0])
+        return out
+
+    runs = [[g.numpy() for g in grads()] for _ in range(2)]
+    for got, want in runs:
+        assert _same_bits(got, want) and all_same(got)
+    assert not _same_bits(runs[0][0], runs[1][0])
+    assert 0 < coded.stats.total_bytes < fixed.stats.total_bytes

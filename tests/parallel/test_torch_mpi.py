@@ -553,3 +553,54 @@ def test_error_feedback_needs_a_name_in_plain_allreduce():
         hvd.allreduce(torch.ones(100), compression=comp)
     out = hvd.allreduce(torch.ones(100), compression=comp, name="ef.named")
     assert comp.memory.residual("ef.named") is not None and out.shape == (100,)
+
+
+# ---- QSGD's Elias encoding: per-rank payload lengths, through every gathering path --------
+def _elias_pair(levels=2, bucket_size=512):
+    """An Elias-coded compressor and a fixed-width one with the same seed: the same draws on
+    each rank, so the same codes and (the test's claim) the same decoded tensor."""
+    return (nuq.QSGDCompressor(levels=levels, bucket_size=bucket_size, seed=21, encoding="elias"),
+            nuq.QSGDCompressor(levels=levels, bucket_size=bucket_size, seed=21, protocol="allgather"))
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and bool(torch.equal(a.contiguous().view(torch.int32 if a.element_size() == 4
+                                                                       else torch.int16), b.contiguous().view(
+        torch.int32 if b.element_size() == 4 else torch.int16)))
+
+
+def test_elias_payload_lengths_differ_and_decode_like_fixed():
+    """Direct allgather and Horovod's allreduce(compression=) (sentinel + gather): ranks'
+    payloads differ in length, every rank decodes the same tensor, bit for bit the
+    fixed-width decode of the same draws, for op Average and Sum."""
+    coded, fixed = _elias_pair()
+    g = torch.from_numpy(rank_gradient(RANK, 5000))
+    payload, ctx = coded.compress_for_allgather(g)
+    sizes = hvd.allgather(torch.tensor([payload.numel()])).tolist()
+    if N > 1:
+        assert len(set(sizes)) > 1, f"ranks' Elias payloads should differ in length here: {sizes}"
+    got = coded.decompress_gathered(hvd.allgather(payload, name="elias.direct"), ctx)
+    fp, fctx = fixed.compress_for_allgather(g)
+    want = fixed.decompress_gathered(hvd.allgather(fp, name="fixed.direct"), fctx)
+    assert _bits_equal(got, want) and all_same(got)
+    assert coded.stats.total_bytes == payload.numel()
+    for op in (hvd.Average, hvd.Sum):
+        got = hvd.allreduce(g, compression=coded, op=op, name="elias.sentinel")
+        want = hvd.allreduce(g, compression=fixed, op=op, name="fixed.sentinel")
+        assert _bits_equal(got, want) and all_same(got)
+
+
+@pytest.mark.parametrize("optimizer", ["stock", "nuq"])
+def test_elias_training_equals_fixed_training(optimizer):
+    """Horovod's own DistributedOptimizer (sentinel + gather) and horovod_nuq's (direct
+    allgather) with encoding="elias" train to bit-identical weights on every rank, equal to
+    the fixed-width code's with the same seed; the stats count the bytes actually sent."""
+    factory = hvd.DistributedOptimizer if optimizer == "stock" else nuq.DistributedOptimizer
+    runs = {}
+    for comp in _elias_pair(levels=1, bucket_size=128):
+        losses, flat = _train(lambda o, ps, c=comp: factory(o, named_parameters=ps, compression=c), steps=8)
+        runs[comp.encoding] = (losses, flat, comp)
+    (_, flat_e, coded), (_, flat_f, fixed) = runs["elias"], runs["fixed"]
+    assert _bits_equal(flat_e, flat_f), "Elias-coded training diverged from the fixed-width code's"
+    assert all_same(flat_e)
+    assert 0 < coded.stats.total_bytes < fixed.stats.total_bytes  # small tensors: frames and sentinels weigh
