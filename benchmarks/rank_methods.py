@@ -26,8 +26,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import charlm_task as task  # noqa: E402
-import rank_methods_registry as registry  # noqa: E402
+import charlm_task as task
+import rank_methods_registry as registry
 
 SMOKE = {"dim": 32, "layers": 1, "heads": 2, "context": 32, "batch": 4, "steps": 6, "eval_every": 3,
          "val_windows": 8, "methods": ["none", "fp16", "qsgd2", "tnq4", "globalqsgd2", "tnq4+ef", "cser",
@@ -158,14 +158,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", nargs="+", default=list(registry.METHODS),
                     help="subset/order of: " + " ".join(registry.METHODS))
-    ap.add_argument("--steps", type=int, default=240)
-    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=160)
+    ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--val-windows", type=int, default=64, help="held-out windows of --context bytes")
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--context", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=16, help="windows per rank per step")
+    ap.add_argument("--batch", type=int, default=8, help="windows per rank per step")
     ap.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate (all methods, all N)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rate", default="unshaped", help="label of the link shaping, e.g. 100mbit")
