@@ -5,8 +5,11 @@ Data: the sorted top-level ``*.py`` files of ``sysconfig.get_paths()["stdlib"]``
 (vocabulary 256). Every ``val_every``-th file (in sorted order) is held out for validation, so
 the split is by file; the training bytes are cut into one contiguous shard per rank. Batches are
 random windows drawn from a generator seeded by (seed, rank), so every method sees the same
-batch sequence. Model: a small pre-norm causal transformer (GPT-style blocks, tied input and
-output embedding).
+batch sequence. Models: a one-layer LSTM (the default) or a small pre-norm causal transformer.
+The LSTM is the default because its loss falls smoothly: over 3 data orders (160 steps, batch
+16 x 64, Adam 3e-3, one process) its validation loss spread 0.024 nats (2.268-2.292), while the
+168k-parameter transformer's spread 0.14 (2.745-2.886): it sits on a unigram plateau and
+leaves it at a step that any perturbation moves, which would swamp the compressors' effect.
 """
 from __future__ import annotations
 
@@ -96,6 +99,23 @@ def val_windows(val: torch.Tensor, count: int, context: int) -> tuple[torch.Tens
 
 
 # ---- model ---------------------------------------------------------------------------------
+class CharLSTM(nn.Module):
+    """A byte-level LSTM language model: embedding, `layers` LSTM layers, linear output."""
+
+    def __init__(self, dim: int = 64, hidden: int = 192, layers: int = 1) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(256, dim)
+        self.rnn = nn.LSTM(dim, hidden, num_layers=layers, batch_first=True)
+        self.out = nn.Linear(hidden, 256)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.out(self.rnn(self.tok(idx))[0])
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the next byte, in nats."""
+        return F.cross_entropy(self(x).reshape(-1, 256), y.reshape(-1))
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: causal self-attention and a 4x MLP, each with a residual.
     No biases: fewer, larger tensors, so fewer collectives per step (per-tensor latency)."""
@@ -141,3 +161,15 @@ class CharLM(nn.Module):
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of the next byte, in nats."""
         return F.cross_entropy(self(x).reshape(-1, 256), y.reshape(-1))
+
+
+ARCHS = ("lstm", "transformer")
+
+
+def build_model(arch: str, dim: int, hidden: int, layers: int, heads: int, context: int) -> nn.Module:
+    """The task's model: "lstm" (dim, hidden, layers) or "transformer" (dim, layers, heads, context)."""
+    if arch == "lstm":
+        return CharLSTM(dim, hidden, layers)
+    if arch == "transformer":
+        return CharLM(dim, layers, heads, context)
+    raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")

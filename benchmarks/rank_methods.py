@@ -1,4 +1,4 @@
-"""Rank the communication methods on a task where they differ: a character-level transformer LM
+"""Rank the communication methods on a task where they differ: a character-level LSTM LM
 on the standard library's source (benchmarks/charlm_task.py), trained once per method.
 
     bash benchmarks/rank_methods.sh                      # the sweep: 100 Mbit/s, N = 2 and 4
@@ -24,12 +24,12 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # this checkout's horovod_nuq, not an installed one
 
 import charlm_task as task
 import rank_methods_registry as registry
 
-SMOKE = {"dim": 32, "layers": 1, "heads": 2, "context": 32, "batch": 4, "steps": 6, "eval_every": 3,
+SMOKE = {"dim": 16, "hidden": 32, "layers": 1, "heads": 2, "context": 32, "batch": 4, "steps": 6, "eval_every": 3,
          "val_windows": 8, "methods": ["none", "fp16", "qsgd2", "tnq4", "globalqsgd2", "tnq4+ef", "cser",
                                        "localsgd"]}
 
@@ -90,7 +90,7 @@ def run_method(method: registry.Method, hvd, nuq, torch, corpus: task.Corpus, ev
     """Train one method from the common initial weights; its record (rank 0 writes it)."""
     rank, size = hvd.rank(), hvd.size()
     torch.manual_seed(args.seed)
-    model = task.CharLM(args.dim, args.layers, args.heads, args.context)
+    model = task.build_model(args.arch, args.dim, args.hidden, args.layers, args.heads, args.context)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     numel = sum(p.numel() for p in model.parameters())
     tag = method.name.replace("+", "_")
@@ -161,9 +161,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=160)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--val-windows", type=int, default=64, help="held-out windows of --context bytes")
-    ap.add_argument("--dim", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=3)
-    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--arch", choices=task.ARCHS, default="lstm",
+                    help="lstm (default: its loss falls smoothly, see charlm_task) or transformer")
+    ap.add_argument("--dim", type=int, default=64, help="embedding width (transformer: model width)")
+    ap.add_argument("--hidden", type=int, default=192, help="LSTM hidden size")
+    ap.add_argument("--layers", type=int, default=1, help="LSTM layers / transformer blocks")
+    ap.add_argument("--heads", type=int, default=4, help="transformer attention heads")
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8, help="windows per rank per step")
     ap.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate (all methods, all N)")
@@ -181,7 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for k, v in SMOKE.items():
             if k not in explicit:
                 setattr(args, k, v)
-    for name in ("steps", "eval_every", "val_windows", "batch", "context"):
+    for name in ("steps", "eval_every", "val_windows", "batch", "context", "dim", "hidden", "layers"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     try:
@@ -201,9 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     hvd.init()
     corpus = task.load_corpus()
     evaluate = Evaluator(hvd, torch, corpus, args)
-    config = {k: getattr(args, k) for k in ("steps", "eval_every", "val_windows", "dim", "layers", "heads",
-                                            "context", "batch", "lr", "seed")}
+    config = {k: getattr(args, k) for k in ("steps", "eval_every", "val_windows", "arch", "dim", "hidden",
+                                            "layers", "heads", "context", "batch", "lr", "seed")}
     meta = {"when": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "transport": args.transport,
+            "horovod_nuq": os.path.dirname(nuq.__file__),
             "corpus": {"files": corpus.files, "train_bytes": corpus.train.numel(),
                        "val_bytes": corpus.val.numel(), "sha256_12": corpus.digest},
             "config": config, "load_start": os.getloadavg()[0]}

@@ -67,8 +67,11 @@ def table(records: list[dict], rate: str, n: int, margin: float, fixed: float | 
     cfg = first["config"]
     tgt = ("no target (no float32 run)" if target is None else
            f"{target:.3f} (" + ("fixed" if fixed is not None else f"float32's final + {margin}") + ")")
+    arch = (f"LSTM, embedding {cfg['dim']}, hidden {cfg['hidden']}, {cfg['layers']} layer(s)"
+            if cfg.get("arch", "transformer") == "lstm" else
+            f"transformer, dim {cfg['dim']}, {cfg['layers']} blocks, {cfg['heads']} heads")
     out = [f"### {rate}, N = {n} ({first['transport']}; {first['when']})\n",
-           (f"{first['numel'] / 1e6:.3f}M parameters (dim {cfg['dim']}, {cfg['layers']} layers, context "
+           (f"{first['numel'] / 1e6:.3f}M parameters ({arch}, context "
            f"{cfg['context']}), batch {cfg['batch']} windows/rank, {cfg['steps']} steps of Adam "
            f"(lr {cfg['lr']}), validation over {cfg['val_windows']} held-out windows every "
            f"{cfg['eval_every']} steps; loss target {tgt}. Machine load average "
@@ -128,7 +131,7 @@ def plot(records: list[dict], rate: str, n: int, path: str) -> None:
     lo_loss = min(min(r["val"]["loss"]) for r in ok)
     axes[0].set_ylim(lo_loss - 0.05, max(r["val"]["loss"][1] for r in ok if len(r["val"]["loss"]) > 1) + 0.1)
     axes[2].legend(fontsize=8, ncol=2, loc="upper right")
-    fig.suptitle(f"char-level LM on the stdlib source, {rate}, N = {n}: methods by final validation loss")
+    fig.suptitle(f"char-level LSTM LM on the stdlib source, {rate}, N = {n}: methods by final validation loss")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

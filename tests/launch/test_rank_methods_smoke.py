@@ -49,5 +49,6 @@ def test_smoke_run_records_every_method_and_reports(tmp_path):
                           out + ".jsonl", "--md", out + ".md", "--plots", out],
                          capture_output=True, text=True, timeout=120, check=False)
     assert rep.returncode == 0, rep.stderr[-3000:]
-    text = open(out + ".md").read()
+    with open(out + ".md") as f:
+        text = f.read()
     assert "### unshaped, N = 2" in text and "| 1 |" in text and os.path.getsize(out + "_unshaped_N2.png") > 10_000

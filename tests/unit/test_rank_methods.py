@@ -12,9 +12,9 @@ import pytest
 torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-import charlm_task as task  # noqa: E402
-import rank_methods_registry as registry  # noqa: E402
-import rank_methods_report as report  # noqa: E402
+import charlm_task as task
+import rank_methods_registry as registry
+import rank_methods_report as report
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -62,9 +62,10 @@ def test_val_windows_are_fixed_and_checked():
         task.val_windows(val[:100].to(torch.uint8), 8, 32)
 
 
-def test_model_is_causal():
+@pytest.mark.parametrize("arch", task.ARCHS)
+def test_model_is_causal(arch):
     torch.manual_seed(0)
-    m = task.CharLM(dim=32, layers=2, heads=2, context=16)
+    m = task.build_model(arch, dim=32, hidden=32, layers=2, heads=2, context=16)
     x = torch.randint(0, 256, (2, 16))
     x2 = x.clone()
     x2[:, 10:] = (x2[:, 10:] + 1) % 256  # change the future
@@ -74,6 +75,8 @@ def test_model_is_causal():
     assert not torch.allclose(a[:, 10:], b[:, 10:])
     with pytest.raises(ValueError, match="multiple of heads"):
         task.CharLM(dim=30, heads=4)
+    with pytest.raises(ValueError, match="arch must be one of"):
+        task.build_model("gru", 8, 8, 1, 1, 8)
 
 
 # ---- registry ------------------------------------------------------------------------------
@@ -144,7 +147,8 @@ def _rec(method, final, losses, walls, status="ok"):
             "status": status, "reason": "absent", "final_val": final, "numel": 1000, "protocol": "allgather",
             "steps": 20, "s_per_step": 0.5, "bytes_per_step": 100.0, "lo_bytes_per_step": None,
             "models_agree": True, "transport": "t", "when": "w", "load_start": 1.0, "load_end": 2.0,
-            "config": {"dim": 8, "layers": 1, "context": 8, "batch": 2, "steps": 20, "lr": 0.1,
+            "config": {"arch": "lstm", "dim": 8, "hidden": 8, "heads": 1, "layers": 1, "context": 8,
+                       "batch": 2, "steps": 20, "lr": 0.1,
                        "val_windows": 4, "eval_every": 10},
             "val": {"step": steps, "loss": losses, "wall_s": walls, "bytes": [0, 1000, 2000][: len(losses)],
                     "lo_bytes": [None] * len(losses)}}
