@@ -21,6 +21,7 @@ from . import collectives as _collectives
 from . import policy, schemes, transports
 from .backends import Backend, backend_for
 from .horovod_calls import horovod_call_site
+from .memory import ErrorFeedback, gamma_for
 from .stats import WireStats
 from .tensor_codec import TensorCodec
 
@@ -35,6 +36,11 @@ class Compressor:
     reduced over (default: the one Horovod's caller names, else all ranks). fused: use the
     one-pass C kernels for tensors in host memory (None: when they build). collectives: the
     collectives to use (default: Horovod's, for the tensor's framework).
+    error_feedback: keep each parameter's compression error and add it to its next gradient
+    (memory.py): True sends gamma * Q(g + e) with gamma = 1 / (1 + omega) from the scheme's
+    variance bound omega where omega >= 1 (else 1); a float sets gamma. Residuals are keyed by
+    parameter name: horovod_nuq's optimizers, tape and Keras wrapper pass it, Horovod's torch
+    optimizer and named `hvd.allreduce(..., name=...)` calls name it; `self.memory` holds them.
     """
 
     scheme_name = ""
@@ -43,7 +49,7 @@ class Compressor:
     def __init__(self, bits: int | None = None, *, levels: int | None = None,
                  bucket_size: int = 512, seed: int | None = None, protocol: str = "auto",
                  process_set: Any = None, fused: bool | None = None, collectives: Any = None,
-                 **scheme_options: Any) -> None:
+                 error_feedback: bool | float = False, **scheme_options: Any) -> None:
         if protocol not in policy.PROTOCOLS:
             raise ValueError(f"protocol must be one of {policy.PROTOCOLS}, got {protocol!r}")
         if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
@@ -58,6 +64,7 @@ class Compressor:
         self.process_set = process_set
         self.collectives = collectives
         self.stats = WireStats()
+        self.memory = ErrorFeedback(gamma_for(scheme, error_feedback)) if error_feedback is not False else None
         self._protocols: dict[tuple, str] = {}
         self._summable, self._gathered = transports.Summable(), transports.Gathered()
         self._sentinel_gather, self._deferred = transports.SentinelGather(), transports.DeferredSummable()
@@ -77,10 +84,11 @@ class Compressor:
         return self.codec.fused
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.scheme.describe()}, protocol={self.protocol!r})"
+        ef = "" if self.memory is None else f", error_feedback(gamma={self.memory.gamma:.3g})"
+        return f"{type(self).__name__}({self.scheme.describe()}, protocol={self.protocol!r}{ef})"
 
     # ---- Horovod's compression API ------------------------------------------------------
-    def compress(self, tensor: Any, *, scale: Any = None) -> tuple[Any, Any]:
+    def compress(self, tensor: Any, *, scale: Any = None, key: str | None = None) -> tuple[Any, Any]:
         """What Horovod should allreduce for `tensor`, and the context to decode it with.
 
         Over the process set Horovod's caller names, the protocol `protocol_for` picks:
@@ -88,7 +96,8 @@ class Compressor:
         sentinel; "allreduce" returns summable words on scales agreed with the other ranks
         (or on `scale`, this tensor's entry of `agree_scales`), except in eager torch, where
         it starts the agreement, returns the sentinel and sends the words from decompress,
-        so that no backward hook waits for a round trip.
+        so that no backward hook waits for a round trip. `key`: the parameter's name, for
+        error feedback (default: the name Horovod's caller gives the tensor).
         """
         site = horovod_call_site()
         xp = self.codec.frontend(tensor)
@@ -98,36 +107,41 @@ class Compressor:
                              f"scale factors), not op {site.op!r}: use op=hvd.Average or op=hvd.Sum, "
                              "or compression=hvd.Compression.none for Adasum, Min, Max, Product")
         process_set = self._process_set(site.process_set)
+        tensor, keep = self._feedback(tensor, key if key is not None else site.name)
         if scale is None and self.protocol_for(coll.size(process_set)) == "allgather":
-            return self._sentinel_gather.compress(self.codec, coll, self.stats, tensor, process_set)
+            return self._sentinel_gather.compress(self.codec, coll, self.stats, tensor, process_set, keep)
         if scale is None and getattr(coll, "stable_names", False):  # eager: do not block
-            return self._deferred.compress(self.codec, coll, self.stats, tensor, process_set)
+            return self._deferred.compress(self.codec, coll, self.stats, tensor, process_set, keep)
         return self._summable.compress(self.codec, coll, self.stats, tensor, process_set,
-                                       repr(self), scale)
+                                       repr(self), scale, keep)
 
     def decompress(self, payload: Any, ctx: Any) -> Any:
         """Decode what Horovod reduced: the average (op Average) or sum (op Sum) of the ranks'
-        Q(v), times any pre/postscale factors."""
+        Q(v), times any pre/postscale factors (and error feedback's gamma)."""
         if ctx is None:  # Horovod reduced this tensor without compress (its sparse-gradient path)
             return payload
         if isinstance(ctx, transports.InFlightContext):
             coll = self._coll(backend_for(payload))
-            return self._sentinel_gather.decompress(self.codec, coll, payload, ctx)
-        if isinstance(ctx, transports.DeferredContext):
+            out = self._sentinel_gather.decompress(self.codec, coll, payload, ctx)
+        elif isinstance(ctx, transports.DeferredContext):
             coll = self._coll(backend_for(payload))
-            return self._deferred.decompress(self.codec, coll, payload, ctx)
-        if isinstance(ctx, transports.GatheredContext):  # routed by horovod_nuq's optimizer/tape
-            return self._gathered.decompress(self.codec, payload, ctx)
-        return self._summable.decompress(self.codec, payload, ctx)
+            out = self._deferred.decompress(self.codec, coll, payload, ctx)
+        elif isinstance(ctx, transports.GatheredContext):  # routed by horovod_nuq's optimizer/tape
+            out = self._gathered.decompress(self.codec, payload, ctx)
+        else:
+            out = self._summable.decompress(self.codec, payload, ctx)
+        return self._gamma(out)
 
-    def agree_scales(self, tensors: list) -> list:
+    def agree_scales(self, tensors: list, keys: list | None = None) -> list:
         """Every tensor's per-bucket scales, agreed over the ranks in one Max allreduce (all
         ranks must pass the same tensor sizes in the same order). Passing each result to
-        `compress(t, scale=...)` replaces one blocking round trip per tensor by one per step."""
+        `compress(t, scale=..., key=...)` replaces one blocking round trip per tensor by one
+        per step. `keys`: the parameters' names, for error feedback."""
         if not tensors:
             return []
         xp = self.codec.frontend(tensors[0])
-        local = [self.codec.local_scales(t)[4] for t in tensors]
+        keys = keys if keys is not None else [None] * len(tensors)
+        local = [self.codec.local_scales(self._feedback(t, k)[0])[4] for t, k in zip(tensors, keys)]
         # one name whatever the sizes: ranks that pass different tensor lists get Horovod's
         # shape-mismatch error instead of waiting for each other under different names
         agreed = transports.agree(self.codec, self._coll(xp), xp, xp.concat(local),
@@ -136,18 +150,20 @@ class Compressor:
         return list(xp.split(agreed, [xp.shape(r)[0] for r in local]))
 
     # ---- protocol "allgather" for callers that gather themselves ------------------------
-    def compress_for_allgather(self, tensor: Any) -> tuple[Any, transports.GatheredContext]:
-        """This rank's float32 scales and bit-packed codes as one uint8 payload."""
+    def compress_for_allgather(self, tensor: Any, key: str | None = None) -> tuple[Any, transports.GatheredContext]:
+        """This rank's float32 scales and bit-packed codes as one uint8 payload (`key`: the
+        parameter's name, for error feedback)."""
         if self.shared_scale_only:
             raise RuntimeError(f"{type(self).__name__} shares one scale across ranks, which only the "
                                "'allreduce' protocol does")
         xp = self.codec.frontend(tensor)
-        return self._gathered.compress(self.codec, self._coll(xp), self.stats, tensor)
+        tensor, keep = self._feedback(tensor, key)
+        return self._gathered.compress(self.codec, self._coll(xp), self.stats, tensor, keep)
 
     def decompress_gathered(self, gathered: Any, ctx: Any, average: bool = True) -> Any:
         """Decode every rank's payload in rank order and return their average (or sum)."""
         ctx = ctx if isinstance(ctx, transports.GatheredContext) else transports.GatheredContext(ctx)
-        return self.codec.decode_codes(gathered, ctx.tensor, None if average else 1.0)
+        return self._gamma(self.codec.decode_codes(gathered, ctx.tensor, None if average else 1.0))
 
     # ---- the byte model and the protocol choice -----------------------------------------
     def payload_bytes(self, numel: int, ranks: int | None = None, protocol: str | None = None) -> int:
@@ -165,6 +181,24 @@ class Compressor:
         return self._protocols[key]
 
     # ---- helpers -------------------------------------------------------------------------
+    def _feedback(self, tensor: Any, key: str | None) -> tuple[Any, Any]:
+        """With error feedback: (g + e, the callback that stores e <- g + e - gamma Q(g + e))."""
+        if self.memory is None:
+            return tensor, None
+        if key is None:
+            raise ValueError(
+                "error_feedback keeps one residual per parameter, but this call does not say which "
+                "parameter the tensor is: use horovod_nuq.torch.DistributedOptimizer / "
+                "horovod_nuq.tensorflow.DistributedGradientTape / horovod_nuq.keras."
+                "DistributedOptimizer or Horovod's torch optimizer, pass name=... to hvd.allreduce, "
+                "or key=... to compress")
+        compensated = self.memory.compensate(key, tensor)
+        return compensated, lambda own: self.memory.keep(key, compensated, own)
+
+    def _gamma(self, out: Any) -> Any:
+        gamma = 1.0 if self.memory is None else self.memory.gamma
+        return out if gamma == 1.0 else out * gamma
+
     def _coll(self, xp: Backend) -> Any:
         if self.collectives is not None:
             return self.collectives

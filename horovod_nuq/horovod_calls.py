@@ -14,30 +14,39 @@ from dataclasses import dataclass
 from typing import Any
 
 _UNSUPPORTED_CALLERS = ("reducescatter", "grouped_reducescatter")
+_SKIPPED = ("horovod_nuq", "tensorflow.python.autograph")
 
 
 @dataclass(frozen=True)
 class CallSite:
-    """The Horovod function that called compress, its process set and op (None if unknown)."""
+    """The Horovod function that called compress, its process set, op and the name of the
+    tensor (the parameter's name in Horovod's torch optimizer); None where unknown."""
 
     function: str | None = None
     process_set: Any = None
     op: Any = None
+    name: str | None = None
 
 
 def horovod_call_site(depth: int = 2) -> CallSite:
     """The CallSite of the frame `depth` levels up, if it is Horovod code; else an empty one."""
     frame = sys._getframe(depth)
-    while frame is not None and frame.f_globals.get("__name__", "").startswith("horovod_nuq"):
-        frame = frame.f_back  # our own wrappers (e.g. a frontend calling compress) do not count
+    # our own wrappers (a frontend calling compress) do not count, nor does autograph's call
+    # machinery inside tf.function (Horovod's converted code keeps its module and locals)
+    while frame is not None and frame.f_globals.get("__name__", "").startswith(_SKIPPED):
+        frame = frame.f_back
     if frame is None or not frame.f_globals.get("__name__", "").startswith("horovod."):
         return CallSite()
     local = frame.f_locals
     owner = local.get("self")
-    function = frame.f_code.co_name
+    function = frame.f_code.co_name.removeprefix("tf__")  # autograph's name for a converted function
     if function in _UNSUPPORTED_CALLERS:
         raise ValueError(f"horovod_nuq compressors decode allreduce results; Horovod's {function} "
                          "splits the payload across ranks, which a quantized payload cannot "
                          "survive. Use compression=hvd.Compression.none or fp16 there.")
+    name = local.get("name")
+    if not isinstance(name, str):  # Horovod's grouped torch path: compress(p.grad) for p in ps
+        names = getattr(owner, "_parameter_names", None)
+        name = names.get(local["p"]) if isinstance(names, dict) and "p" in local else None
     return CallSite(function, local.get("process_set", getattr(owner, "process_set", None)),
-                    local.get("op", getattr(owner, "op", None)))
+                    local.get("op", getattr(owner, "op", None)), name)

@@ -12,10 +12,13 @@
   starts the scale agreement without waiting and hands Horovod the sentinel; `decompress`
   submits the summable words of every tensor whose scales have arrived, then waits for its own.
   No backward hook blocks on a round trip. (Inside graphs, `Summable` does not block either.)
-Transports take the codec, the collectives and the byte counters explicitly.
+Transports take the codec, the collectives and the byte counters explicitly. Each compress
+takes an optional `keep` callback that receives this rank's own decoded contribution Q(v)
+once it is encoded (error feedback's residual, memory.py).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,8 @@ import numpy as np
 from . import wire
 from .backends import backend_for
 from .tensor_codec import Context, TensorCodec
+
+Keep = Callable[[Any], None] | None
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class DeferredContext:
     process_set: Any
     words_handle: Any = None
     scale: Any = None
+    keep: Callable[[Any], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -75,7 +81,7 @@ class Summable:
     protocol = "allreduce"
 
     def compress(self, codec: TensorCodec, coll: Any, stats: Any, tensor: Any, process_set: Any,
-                 describe: str, scale: Any = None) -> tuple[Any, SummedContext]:
+                 describe: str, scale: Any = None, keep: Keep = None) -> tuple[Any, SummedContext]:
         if scale is None:
             xp, engine, ctx, work, r = codec.local_scales(tensor)
             r, agreement = agree(codec, coll, xp, r, process_set, describe), 4 * (ctx.n_buckets + 2)
@@ -89,6 +95,8 @@ class Summable:
             work, r, agreement = engine.work(tensor), scale, 4 * ctx.n_buckets
         layout = codec.layout(coll.size(process_set))
         payload = codec.encode_sums(engine, work, r, layout, coll)
+        if keep is not None:
+            keep(codec.decode_sums(payload, r, layout, ctx))  # this rank's words alone: its Q(v)
         coll.record(stats, layout.payload_bytes(ctx.n_buckets * codec.scheme.bucket_size) + agreement,
                     ctx.numel)
         return payload, SummedContext(ctx, r, layout)
@@ -123,13 +131,21 @@ class Gathered:
 
     protocol = "allgather"
 
-    def compress(self, codec: TensorCodec, coll: Any, stats: Any, tensor: Any) -> tuple[Any, GatheredContext]:
-        payload, ctx = codec.encode_codes(tensor, coll)
+    def compress(self, codec: TensorCodec, coll: Any, stats: Any, tensor: Any,
+                 keep: Keep = None) -> tuple[Any, GatheredContext]:
+        payload, ctx = _encode_codes(codec, coll, tensor, keep)
         coll.record(stats, backend_for(payload).numel(payload), ctx.numel)
         return payload, GatheredContext(ctx)
 
     def decompress(self, codec: TensorCodec, gathered: Any, ctx: GatheredContext) -> Any:
         return codec.decode_codes(gathered, ctx.tensor, None if ctx.average else 1.0)
+
+
+def _encode_codes(codec: TensorCodec, coll: Any, tensor: Any, keep: Keep) -> tuple[Any, Context]:
+    payload, ctx = codec.encode_codes(tensor, coll)
+    if keep is not None:
+        keep(codec.decode_codes(payload, ctx, 1.0))  # this rank's payload alone: its Q(v)
+    return payload, ctx
 
 
 def _take_slot(coll: Any, kind: str, numel: int) -> int:
@@ -175,8 +191,8 @@ class SentinelGather:
     protocol = "allgather"
 
     def compress(self, codec: TensorCodec, coll: Any, stats: Any, tensor: Any,
-                 process_set: Any) -> tuple[Any, InFlightContext]:
-        payload, ctx = codec.encode_codes(tensor, coll)
+                 process_set: Any, keep: Keep = None) -> tuple[Any, InFlightContext]:
+        payload, ctx = _encode_codes(codec, coll, tensor, keep)
         xp = backend_for(payload)
         tag, name = 0, None
         if getattr(coll, "stable_names", False):
@@ -216,7 +232,7 @@ class DeferredSummable:
         self._waiting: list[DeferredContext] = []  # agreements started, words not yet submitted
 
     def compress(self, codec: TensorCodec, coll: Any, stats: Any, tensor: Any,
-                 process_set: Any) -> tuple[Any, DeferredContext]:
+                 process_set: Any, keep: Keep = None) -> tuple[Any, DeferredContext]:
         xp, engine, ctx, work, r = codec.local_scales(tensor)
         layout = codec.layout(coll.size(process_set))
         tag = _take_slot(coll, "s", ctx.numel)
@@ -231,7 +247,7 @@ class DeferredSummable:
         _hold_slot(coll, "s", ctx.numel, tag, handle)
         self._waiting = [e for e in self._waiting if coll.alive(e.scale_handle)]  # elastic resets
         entry = DeferredContext(ctx, engine, work, handle, tag, f"horovod_nuq.w.{ctx.numel}.{tag}",
-                                layout, process_set)
+                                layout, process_set, keep=keep)
         self._waiting.append(entry)
         words = layout.payload_bytes(ctx.n_buckets * codec.scheme.bucket_size)
         coll.record(stats, words + 4 * (ctx.n_buckets + 2) + 8 * wire.SENTINEL_WORDS, ctx.numel)
@@ -265,6 +281,8 @@ class DeferredSummable:
                              "Give every rank the same compressor.")
         entry.scale = scale
         payload = codec.encode_sums(entry.engine, entry.work, scale, entry.layout, coll)
+        if entry.keep is not None:
+            entry.keep(codec.decode_sums(payload, scale, entry.layout, entry.tensor))
         entry.words_handle = coll.allreduce_average_async(payload, entry.name, entry.process_set)
         entry.work = None  # the encoded words replace it
 

@@ -108,6 +108,20 @@ MUTANTS = [
     Mutant("sentinel-pairing-unchecked", "the sentinel's tag variance (gather pairing) is not checked", (
         ("horovod_nuq/wire.py", "    xp.require(xp.max_all(xp.abs(mean2 - mean1 * mean1)) <= tol,",
          "    xp.require(xp.max_all(xp.abs(mean2 - mean1 * mean1)) <= 1e300,"),)),
+    Mutant("ef-summable-own-value-off", "error feedback keeps the wrong own value on the summable "
+           "path (scales off by 0.1%)", (
+        ("horovod_nuq/transports.py", "keep(codec.decode_sums(payload, r, layout, ctx))",
+         "keep(codec.decode_sums(payload, r * 1.001, layout, ctx))"),)),
+    Mutant("ef-gamma-not-applied", "error feedback's gamma is kept in the residual but not applied "
+           "to what is decoded", (
+        ("horovod_nuq/compressor.py", "        return out if gamma == 1.0 else out * gamma",
+         "        return out"),)),
+    Mutant("ef-residual-not-added", "error feedback never adds the residual to the gradient", (
+        ("horovod_nuq/memory.py", "        return grad + slot.xp.read_state(slot)",
+         "        return grad + 0 * slot.xp.read_state(slot)"),)),
+    Mutant("ef-gamma-one", "error feedback sends Q(x) unscaled (gamma = 1) whatever the variance bound", (
+        ("horovod_nuq/memory.py", "        return 1.0 / (1.0 + omega) if omega is not None and omega >= 1 else 1.0",
+         "        return 1.0"),)),
 ]
 
 

@@ -95,5 +95,28 @@ class Backend:
         if not bool(ok):
             raise ValueError(message)
 
+    # ---- state carried across steps (error-feedback residuals) -------------------------
+    def new_state(self, like: Array, init: np.ndarray | None = None) -> State:
+        """Zeros shaped and typed like `like` (or `init`), kept from step to step."""
+        value = np.zeros(self.shape(like), np.float32) if init is None else np.asarray(init, np.float32)
+        return State(self, self.cast(self.reshape(self.constant(value, like), self.shape(like)),
+                                     self.dtype_name(like)))
+
+    def read_state(self, state: State) -> Array:
+        return state.value
+
+    def write_state(self, state: State, value: Array) -> None:
+        state.value = value
+
+    def state_shape(self, state: State) -> tuple[int, ...]:
+        return tuple(int(d) for d in state.value.shape)
+
     # ---- bridging ---------------------------------------------------------------------
     def to_numpy(self, x: Array) -> np.ndarray: ...
+
+
+class State:
+    """An array a backend keeps across steps (TensorFlow: a variable, so graphs update it)."""
+
+    def __init__(self, xp: Backend, value: Any) -> None:
+        self.xp, self.value = xp, value

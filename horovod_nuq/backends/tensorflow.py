@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from .base import ALIGN, Backend
+from .base import ALIGN, Backend, State
 
 _DTYPES = {"float32": tf.float32, "float64": tf.float64, "int64": tf.int64, "int32": tf.int32,
            "uint8": tf.uint8, "bool": tf.bool, "float16": tf.float16, "bfloat16": tf.bfloat16}
@@ -123,4 +123,12 @@ class TFBackend(Backend):
         tf.debugging.Assert(ok, [message])
 
     def on_host(self, x): return "GPU" not in (x.device or "") and not _has_gpu()
+    def new_state(self, like, init=None):
+        with tf.init_scope():  # a variable made while tracing lives outside the graph
+            value = tf.zeros(like.shape, like.dtype) if init is None else tf.cast(init, like.dtype)
+            return State(self, tf.Variable(value, trainable=False, name="horovod_nuq_state"))
+
+    def read_state(self, state): return tf.convert_to_tensor(state.value)
+    def write_state(self, state, value): state.value.assign(value)
+
     def to_numpy(self, x: Any) -> np.ndarray: return np.asarray(x)  # host tensors: a view, no copy

@@ -27,9 +27,10 @@ from . import _hvd
 _LSO = keras.optimizers.LossScaleOptimizer
 
 
-def _allgather_one(hvd: Any, g: Any, compression: Any, average: bool, process_set: Any) -> Any:
+def _allgather_one(hvd: Any, g: Any, compression: Any, average: bool, process_set: Any,
+                   key: str | None) -> Any:
     """The allgather protocol for one tensor: per-rank codes, gathered, decoded in rank order."""
-    payload, ctx = compression.compress_for_allgather(g)
+    payload, ctx = compression.compress_for_allgather(g, key=key)
     gathered = hvd.allgather(payload, process_set=process_set)
     if _hvd.backend_name() == "tensorflow":
         import tensorflow as tf
@@ -38,10 +39,12 @@ def _allgather_one(hvd: Any, g: Any, compression: Any, average: bool, process_se
     return compression.decompress_gathered(gathered, ctx, average)
 
 
-def _reduce_gradients(grads: list, compression: Any, op: Any, process_set: Any) -> list:
+def _reduce_gradients(grads: list, compression: Any, op: Any, process_set: Any,
+                      keys: list | None = None) -> list:
     """Every gradient reduced over `process_set` (None stays None), routed by the package's one
     policy: horovod_nuq compressors whose protocol is "allgather" here gather their packed
-    codes directly (no sentinel); everything else goes through Horovod's allreduce."""
+    codes directly (no sentinel); everything else goes through Horovod's allreduce. `keys`
+    (the variables' paths) name the error-feedback residuals."""
     hvd = _hvd.horovod()
     if compression is None:
         compression = hvd.Compression.none
@@ -49,17 +52,20 @@ def _reduce_gradients(grads: list, compression: Any, op: Any, process_set: Any) 
     tf = None
     if _hvd.backend_name() == "tensorflow":
         import tensorflow as tf
+    feedback = getattr(compression, "memory", None) is not None
     out = []
-    for g in grads:
+    for i, g in enumerate(grads):
         if g is None:
             out.append(None)
             continue
         if tf is not None and isinstance(g, tf.IndexedSlices):
             g = tf.convert_to_tensor(g)  # sparse (embedding) gradients are reduced dense
+        key = None if keys is None else keys[i]
         if gathers:
-            out.append(_allgather_one(hvd, g, compression, op == hvd.Average, process_set))
-        else:
-            out.append(hvd.allreduce(g, compression=compression, op=op, process_set=process_set))
+            out.append(_allgather_one(hvd, g, compression, op == hvd.Average, process_set, key))
+        else:  # with error feedback, the name tells the compressor which residual is g's
+            out.append(hvd.allreduce(g, compression=compression, op=op, process_set=process_set,
+                                     **({"name": key} if feedback else {})))
     return out
 
 
@@ -187,25 +193,26 @@ class _DistributedOptimizer(keras.optimizers.Optimizer):
                        flush, lambda: None)
 
     def _reduce_and_apply(self, grads: list, trainable_variables: list) -> None:
-        reduced = self._reduce(grads)
+        reduced = self._reduce(grads, [v.path for v in trainable_variables])
         self.inner_optimizer.apply(reduced, trainable_variables)
         self._mark_step(reduced)
 
-    def _reduce(self, grads: list) -> list:
+    def _reduce(self, grads: list, keys: list) -> list:
         if _hvd.backend_name() == "tensorflow":
             import tensorflow as tf
 
             if tf.executing_eagerly():  # one graph per signature: Horovod's graph ops, no per-op dispatch
                 if self._eager_reduce is None:
                     object.__setattr__(self, "_eager_reduce", tf.function(
-                        lambda gs: _reduce_gradients(gs, self.compression, self.op, self.process_set)))
+                        lambda gs, ks: _reduce_gradients(gs, self.compression, self.op,
+                                                         self.process_set, ks)))
                 live = [i for i, g in enumerate(grads) if g is not None]
-                out = self._eager_reduce([grads[i] for i in live])
+                out = self._eager_reduce([grads[i] for i in live], [keys[i] for i in live])
                 reduced = [None] * len(grads)
                 for i, r in zip(live, out):
                     reduced[i] = r
                 return reduced
-        return _reduce_gradients(grads, self.compression, self.op, self.process_set)
+        return _reduce_gradients(grads, self.compression, self.op, self.process_set, keys)
 
     def _mark_step(self, reduced: list) -> None:
         """Close the compressor's byte-statistics step (graph mode: on every run of the graph)."""

@@ -26,8 +26,9 @@ def _allgather_grad_async(self, p: torch.Tensor):
     tensor = _dense_grad(self, p)
     if tensor is None:
         raise ValueError("the allgather protocol needs dense gradients: pass sparse_as_dense=True")
-    payload, ctx = self._compression.compress_for_allgather(tensor)
-    handle = allgather_async(payload, name=f"nuq.{self._parameter_names.get(p)}",
+    name = self._parameter_names.get(p)
+    payload, ctx = self._compression.compress_for_allgather(tensor, key=name)
+    handle = allgather_async(payload, name=f"nuq.{name}",
                              process_set=self.process_set)
     return handle, dataclasses.replace(ctx, average=self.op == hvd.Average)
 
@@ -36,7 +37,8 @@ def _grouped_allgather_grad_async(self, ps):
     grads = [_dense_grad(self, p) for p in ps]
     if any(g is None for g in grads):
         raise ValueError("the allgather protocol needs dense gradients: pass sparse_as_dense=True")
-    payloads, ctxs = zip(*[self._compression.compress_for_allgather(g) for g in grads])
+    payloads, ctxs = zip(*[self._compression.compress_for_allgather(g, key=self._parameter_names.get(p))
+                           for g, p in zip(grads, ps)])
     handle = grouped_allgather_async(list(payloads), name=f"nuq.{self._parameter_names.get(ps[0])}",
                                      process_set=self.process_set)
     return handle, [dataclasses.replace(c, average=self.op == hvd.Average) for c in ctxs]
@@ -50,7 +52,7 @@ def _deferred_allreduce_async(self, p):
     if p not in self._agreed:  # a sparse gradient (no sparse_as_dense): Horovod's own path
         return _DistributedOptimizer._allreduce_grad_async(self, p)
     tensor, scale = self._agreed.pop(p)
-    payload, ctx = self._compression.compress(tensor, scale=scale)
+    payload, ctx = self._compression.compress(tensor, scale=scale, key=self._parameter_names.get(p))
     average = self.op == hvd.Average  # Horovod splits Average over pre/postscale likewise
     handle = allreduce_async_(payload, name=self._parameter_names.get(p), op=self.op,
                               prescale_factor=1.0 / self.gradient_predivide_factor if average else 1.0,
@@ -76,7 +78,8 @@ def _agreeing_synchronize(self):
         pending = [p for p in self._requires_update if self._handles.get(p, (None, None))[0] is None]
         grads = [(p, g) for p in sorted(pending, key=self._parameter_names.get)
                  if (g := _dense_grad(self, p)) is not None]
-        scales = self._compression.agree_scales([g for _, g in grads])
+        scales = self._compression.agree_scales([g for _, g in grads],
+                                                [self._parameter_names.get(p) for p, _ in grads])
         self._agreed = {p: (g, r) for (p, g), r in zip(grads, scales)}
     try:
         _DistributedOptimizer.synchronize(self)
@@ -90,6 +93,30 @@ def _step(self, closure=None):
     return out
 
 
+_MEMORY = "horovod_nuq_error_feedback"
+
+
+def _state_dict(self) -> dict:
+    """The wrapped optimizer's state, plus the error-feedback residuals (host arrays)."""
+    state = super(type(self), self).state_dict()
+    memory = getattr(self._compression, "memory", None)
+    if memory is not None:
+        state[_MEMORY] = {k: torch.from_numpy(v) for k, v in memory.state_dict().items()}
+    return state
+
+
+def _load_state_dict(self, state_dict: dict) -> None:
+    state_dict = dict(state_dict)
+    residuals = state_dict.pop(_MEMORY, None)
+    super(type(self), self).load_state_dict(state_dict)
+    memory = getattr(self._compression, "memory", None)
+    if memory is not None:
+        memory.load_state_dict(residuals or {})
+    elif residuals:
+        raise ValueError("this checkpoint holds error-feedback residuals, but the optimizer's "
+                         "compressor has error_feedback off; make it with error_feedback=True")
+
+
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any = None,
                          compression: Any = hvd.Compression.none, backward_passes_per_step: int = 1,
                          op: Any = hvd.Average, gradient_predivide_factor: float = 1.0,
@@ -98,7 +125,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
     """Horovod's DistributedOptimizer; also routes the allgather protocol (see module doc).
 
     A horovod_nuq compressor made without a process set is given this optimizer's, so its
-    field widths and scale agreement follow the ranks that actually reduce.
+    field widths and scale agreement follow the ranks that actually reduce. With its
+    error_feedback on, `state_dict()` also holds the residuals (key "horovod_nuq_error_feedback").
     """
     protocol = policy.route(compression, process_set, op, hvd.Average, hvd.Sum)
     kwargs = {"named_parameters": named_parameters, "compression": compression,
@@ -110,6 +138,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
         opt = hvd.DistributedOptimizer(optimizer, **kwargs)
         if protocol is not None:
             type(opt).step = _step
+            type(opt).state_dict, type(opt).load_state_dict = _state_dict, _load_state_dict
         return opt
     if backward_passes_per_step <= 0:
         raise ValueError("backward_passes_per_step must be > 0")
@@ -119,7 +148,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
     else:
         swap = {"_allreduce_grad_async": _deferred_allreduce_async,
                 "synchronize": _agreeing_synchronize, "_agreed": None}
-    attrs = dict(_DistributedOptimizer.__dict__, **swap, step=_step)
+    attrs = dict(_DistributedOptimizer.__dict__, **swap, step=_step, state_dict=_state_dict,
+                 load_state_dict=_load_state_dict)
     cls = type(optimizer.__class__.__name__, (optimizer.__class__,), attrs)
     return cls(optimizer.param_groups, named_parameters, compression, backward_passes_per_step,
                op, gradient_predivide_factor, groups if groups is not None else (num_groups or None),

@@ -67,6 +67,12 @@ def all_same(x) -> bool:
     return bool((gathered == gathered[0]).all())
 
 
+def gather_all(x: np.ndarray) -> np.ndarray:
+    """Every rank's copy of the float64 array x, stacked."""
+    t = tf.constant(x[None]) if tf is not None else torch.from_numpy(x[None])
+    return hvd.allgather(t, name="gather_all").numpy()
+
+
 def flat(variables) -> np.ndarray:
     return np.concatenate([np.asarray(keras.ops.convert_to_numpy(v)).ravel() for v in variables])
 
@@ -300,3 +306,24 @@ def test_non_finite_on_one_rank_skips_everywhere(compression):
 
 def test_tf_keras_never_imported():
     assert "tf_keras" not in sys.modules
+
+
+def test_error_feedback_keyed_by_variable_path():
+    """Keras 3 wrapper with error feedback: sum of applied updates + mean residual = the
+    ranks' mean summed gradient, over eager applies."""
+    comp = TNQCompressor(bits=2, seed=3, protocol="allgather", error_feedback=True)
+    d = 700
+    var = keras.Variable(np.zeros(d, np.float32), name="ef_kernel")
+    opt = nuqk.DistributedOptimizer(keras.optimizers.SGD(1.0), compression=comp)
+    rng = np.random.default_rng(RANK)
+    total = np.zeros(d)
+    for _ in range(6):
+        g = rng.standard_normal(d).astype(np.float32)
+        g[::7] *= 10
+        total += g
+        _apply_once(opt, g, var)
+    assert list(comp.memory.state_dict()) == [var.path]
+    e = np.asarray(comp.memory.state_dict()[var.path], np.float64)
+    mean_total, mean_e = gather_all(total).mean(axis=0), gather_all(e).mean(axis=0)
+    np.testing.assert_allclose(-np.asarray(var.numpy(), np.float64) + mean_e, mean_total,
+                               rtol=0, atol=1e-4 * np.abs(mean_total).max())

@@ -454,3 +454,75 @@ def test_grouped_allreduce(protocol):
         want = np.mean([rank_gradient(r, n) for r in range(N)], axis=0)
         assert o.shape == t.shape and all_same(o)
         assert np.abs(o.numpy() - want).max() <= 0.03 * np.abs(want).max()
+
+
+# ---- error feedback -------------------------------------------------------------------
+EF_OPTIMIZERS = {
+    "stock": lambda o, ps, c: hvd.DistributedOptimizer(o, named_parameters=ps, compression=c),
+    "stock-grouped": lambda o, ps, c: hvd.DistributedOptimizer(o, named_parameters=ps, compression=c,
+                                                               num_groups=1),
+    "horovod_nuq": lambda o, ps, c: nuq.DistributedOptimizer(o, named_parameters=ps, compression=c),
+}
+
+
+@pytest.mark.parametrize("optimizer", EF_OPTIMIZERS)
+@pytest.mark.parametrize("protocol", ["allgather", "allreduce"])
+@pytest.mark.parametrize("cls", [nuq.TNQCompressor, nuq.QSGDCompressor], ids=lambda c: c.__name__)
+def test_error_feedback_sends_every_gradient(cls, protocol, optimizer):
+    """Over T steps: sum of the decoded averages + the ranks' mean residual = the ranks' mean
+    summed gradient (lr 0 keeps the weights, so each step's local gradient is known)."""
+    if cls is nuq.TNQCompressor and protocol == "allreduce":
+        pytest.skip("TNQ's allreduce protocol is covered by the unit tests; allgather is its default")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.Tanh(), torch.nn.Linear(30, 5))
+    params = list(model.named_parameters())
+    comp = cls(bits=2, seed=4, protocol=protocol, error_feedback=True)
+    opt = EF_OPTIMIZERS[optimizer](torch.optim.SGD(model.parameters(), lr=0.0), params, comp)
+    gen = torch.Generator().manual_seed(100 + RANK)
+    sent = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params}
+    true = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params}
+    for _ in range(12):
+        opt.zero_grad()
+        x = torch.randn(16, 40, generator=gen)
+        model(x).square().mean().backward()
+        for n, p in params:
+            true[n] += p.grad.double()
+        opt.step()
+        for n, p in params:
+            sent[n] += p.grad.double()
+    assert sorted(comp.memory.state_dict()) == sorted(n for n, _ in params)  # keyed by parameter
+    for n, _ in params:
+        e = comp.memory.residual(n).double()
+        lhs = sent[n] + hvd.allreduce(e, op=hvd.Average, name=f"ef.e.{n}")
+        rhs = hvd.allreduce(true[n], op=hvd.Average, name=f"ef.g.{n}")
+        assert torch.allclose(lhs, rhs, rtol=0, atol=1e-5 * float(rhs.abs().max()) + 1e-6), n
+        assert float((sent[n] - rhs).abs().max()) > 1e-3 * float(rhs.abs().max())  # e mattered
+
+
+def test_error_feedback_state_dict_round_trip():
+    model = torch.nn.Linear(10, 3)
+    comp = nuq.TNQCompressor(bits=2, seed=1, protocol="allgather", error_feedback=True)
+    opt = nuq.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(), compression=comp)
+    model(torch.randn(4, 10)).sum().backward()
+    opt.step()
+    state = opt.state_dict()
+    saved = state["horovod_nuq_error_feedback"]
+    assert sorted(saved) == ["bias", "weight"]
+    assert torch.equal(saved["weight"], comp.memory.residual("weight"))
+    comp.memory.reset()
+    opt.load_state_dict(state)
+    assert torch.equal(comp.memory.compensate("weight", torch.zeros(3, 10)), saved["weight"])
+    plain = nuq.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                     named_parameters=model.named_parameters(),
+                                     compression=nuq.TNQCompressor(protocol="allgather"))
+    with pytest.raises(ValueError, match="error_feedback off"):
+        plain.load_state_dict(state)
+
+
+def test_error_feedback_needs_a_name_in_plain_allreduce():
+    comp = nuq.TNQCompressor(bits=2, error_feedback=True)
+    with pytest.raises(ValueError, match="name="):
+        hvd.allreduce(torch.ones(100), compression=comp)
+    out = hvd.allreduce(torch.ones(100), compression=comp, name="ef.named")
+    assert comp.memory.residual("ef.named") is not None and out.shape == (100,)
