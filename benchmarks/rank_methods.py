@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     config = {k: getattr(args, k) for k in ("steps", "eval_every", "val_windows", "arch", "dim", "hidden",
                                             "layers", "heads", "context", "batch", "lr", "seed")}
     meta = {"when": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "transport": args.transport,
-            "horovod_nuq": os.path.dirname(nuq.__file__),
+            "horovod_nuq": os.path.dirname(os.path.dirname(nuq.__file__)),
             "corpus": {"files": corpus.files, "train_bytes": corpus.train.numel(),
                        "val_bytes": corpus.val.numel(), "sha256_12": corpus.digest},
             "config": config, "load_start": os.getloadavg()[0]}

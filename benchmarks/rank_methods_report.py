@@ -5,7 +5,7 @@
 
 One table per (rate, N), methods sorted by final validation loss; "time to target" is the
 training wall-clock (evaluation excluded) at the first evaluation whose validation loss is at
-or below the target: float32's final validation loss plus --target-margin, or --target. One
+or below the target: float32's validation loss at --target-frac of its steps, or --target. One
 figure per (rate, N): validation loss against steps, against bytes and against wall-clock.
 """
 from __future__ import annotations
@@ -32,12 +32,17 @@ def cells(records: list[dict]) -> list[tuple[str, int]]:
     return [(rate, n) for rate, n, _ in sorted(keys, key=lambda k: (k[2], k[1]))]
 
 
-def target_for(rows: list[dict], margin: float, fixed: float | None) -> float | None:
-    """The loss target of one table: `fixed`, else float32's final validation loss + margin."""
+def target_for(rows: list[dict], frac: float, fixed: float | None) -> float | None:
+    """The loss target of one table: `fixed`, else float32's validation loss at the first
+    evaluation at or after `frac` of its steps (so that methods near float32 reach it before
+    the end, and time to target shows what their speed buys)."""
     if fixed is not None:
         return fixed
     base = next((r for r in rows if r["method"] == "none" and r["status"] == "ok"), None)
-    return None if base is None else base["final_val"] + margin
+    if base is None:
+        return None
+    v = base["val"]
+    return next(loss for step, loss in zip(v["step"], v["loss"]) if step >= frac * base["steps"])
 
 
 def reach(rec: dict, target: float | None) -> tuple[float | None, int | None, float | None]:
@@ -55,18 +60,18 @@ def _fmt(x: float | None, spec: str, missing: str = "n/a") -> str:
     return missing if x is None else format(x, spec)
 
 
-def table(records: list[dict], rate: str, n: int, margin: float, fixed: float | None) -> str:
+def table(records: list[dict], rate: str, n: int, frac: float, fixed: float | None) -> str:
     """One markdown table: the methods that ran, best final validation loss first."""
     rows = [r for r in records if r["rate"] == rate and r["ranks"] == n]
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["final_val"])
     if not ok:
         return f"### {rate}, N = {n}\n\nno method ran.\n"
-    target = target_for(rows, margin, fixed)
+    target = target_for(rows, frac, fixed)
     base = next((r for r in ok if r["method"] == "none"), None)
     first = ok[0]
     cfg = first["config"]
     tgt = ("no target (no float32 run)" if target is None else
-           f"{target:.3f} (" + ("fixed" if fixed is not None else f"float32's final + {margin}") + ")")
+           f"{target:.3f} (" + ("fixed" if fixed is not None else f"float32's at {frac:.0%} of its steps") + ")")
     arch = (f"LSTM, embedding {cfg['dim']}, hidden {cfg['hidden']}, {cfg['layers']} layer(s)"
             if cfg.get("arch", "transformer") == "lstm" else
             f"transformer, dim {cfg['dim']}, {cfg['layers']} blocks, {cfg['heads']} heads")
@@ -94,6 +99,36 @@ def table(records: list[dict], rate: str, n: int, margin: float, fixed: float | 
     skipped = [r for r in rows if r["status"] != "ok"]
     if skipped:
         out.append("\nNot run: " + "; ".join(f"{r['method']} ({r['reason']})" for r in skipped) + ".")
+    return "\n".join(out) + "\n"
+
+
+def spread(records: list[dict], replicates: list[list[dict]]) -> str:
+    """Each replicated method's final validation loss minus float32's in the same sweep, per
+    seed (another --seed: other initial weights, data order and rounding draws). The paired
+    difference is what ranks methods; its spread over seeds is the noise it must clear."""
+    runs = [records, *replicates]
+    keys = sorted({(r["rate"], r["ranks"], r["method"]) for rep in replicates for r in rep if r["status"] == "ok"},
+                  key=lambda k: (k[1], k[2]))
+
+    def final(run: list[dict], rate: str, n: int, method: str) -> float | None:
+        return next((r["final_val"] for r in run if (r["rate"], r["ranks"], r["method"]) == (rate, n, method)
+                     and r["status"] == "ok"), None)
+
+    out = ["### Seed spread: final validation loss, and minus float32's of the same seed (seeds: " +
+           ", ".join(str(run[0]["config"]["seed"]) for run in runs if run) + ")\n",
+           "| rate | N | method | final val loss per seed | vs fp32 per seed | mean vs fp32 | max - min |",
+           "|---|---|---|---|---|---|---|"]
+    for rate, n, method in keys:
+        vals, deltas = [], []
+        for run in runs:
+            v, base = final(run, rate, n, method), final(run, rate, n, "none")
+            if v is not None:
+                vals.append(v)
+                if base is not None:
+                    deltas.append(v - base)
+        dtext = (f"{' / '.join(f'{d:+.4f}' for d in deltas)} | {sum(deltas) / len(deltas):+.4f} "
+                 f"| {max(deltas) - min(deltas):.4f}") if deltas else "n/a | n/a | n/a"
+        out.append(f"| {rate} | {n} | {method} | {' / '.join(f'{v:.4f}' for v in vals)} | {dtext} |")
     return "\n".join(out) + "\n"
 
 
@@ -129,7 +164,9 @@ def plot(records: list[dict], rate: str, n: int, path: str) -> None:
     for ax in axes:
         ax.grid(True, alpha=0.3)
     lo_loss = min(min(r["val"]["loss"]) for r in ok)
-    axes[0].set_ylim(lo_loss - 0.05, max(r["val"]["loss"][1] for r in ok if len(r["val"]["loss"]) > 1) + 0.1)
+    early = sorted(r["val"]["loss"][1] for r in ok if len(r["val"]["loss"]) > 1)  # first evaluation
+    if early:  # show the range where most methods are; outliers leave through the top
+        axes[0].set_ylim(lo_loss - 0.05, early[len(early) // 2] + 0.3)
     axes[2].legend(fontsize=8, ncol=2, loc="upper right")
     fig.suptitle(f"char-level LSTM LM on the stdlib source, {rate}, N = {n}: methods by final validation loss")
     fig.tight_layout()
@@ -142,9 +179,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("jsonl")
     ap.add_argument("--md", help="write the tables here (default: print them)")
     ap.add_argument("--plots", help="write PLOTS_<rate>_N<n>.png per table")
-    ap.add_argument("--target-margin", type=float, default=0.02,
-                    help="loss target = float32's final validation loss + this (nats)")
+    ap.add_argument("--target-frac", type=float, default=0.75,
+                    help="loss target = float32's validation loss at this fraction of its steps")
     ap.add_argument("--target", type=float, help="a fixed loss target instead")
+    ap.add_argument("--replicates", nargs="*", default=[], metavar="JSONL",
+                    help="sweeps of the same task with other --seed: adds a seed-spread table")
     ap.add_argument("--command", default="", help="the command that produced the records (for the header)")
     args = ap.parse_args(argv)
     records = load(args.jsonl)
@@ -161,11 +200,13 @@ def main(argv: list[str] | None = None) -> None:
                  "the shaped loopback (/proc/net/dev in the private namespace), evaluation excluded. "
                  "agree: every rank holds the same weights at the end.\n")
     for rate, n in cells(records):
-        parts.append(table(records, rate, n, args.target_margin, args.target))
+        parts.append(table(records, rate, n, args.target_frac, args.target))
         if args.plots:
             path = f"{args.plots}_{rate}_N{n}.png"
             plot(records, rate, n, path)
             parts.append(f"![{rate}, N = {n}]({path.rsplit('/', 1)[-1]})\n")
+    if args.replicates:
+        parts.append(spread(records, [load(p) for p in args.replicates]))
     text = "\n".join(parts)
     if args.md:
         with open(args.md, "w") as f:

@@ -114,11 +114,13 @@ def test_missing_apis_are_reported_not_crashed():
     for name, what in (("cser", "CSER"), ("localsgd", "LocalSGD")):
         with pytest.raises(registry.Unavailable, match=f"{what} is not available"):
             registry.METHODS[name].build(_ctx(nuq))
-    try:
-        horovod_nuq.QSGDCompressor(bits=2, error_feedback=True)
-    except TypeError:
-        with pytest.raises(registry.Unavailable, match="error_feedback=True"):
-            registry.METHODS["qsgd2+ef"].build(_ctx(nuq))
+
+    def old_compressor(bits, seed):  # a checkout without the error_feedback option
+        return object()
+
+    old = types.SimpleNamespace(COMPRESSORS={s: old_compressor for s in registry.SCHEMES})
+    with pytest.raises(registry.Unavailable, match="error_feedback=True"):
+        registry.METHODS["qsgd2+ef"].build(_ctx(old))
 
 
 def test_wrappers_are_called_with_the_agreed_api():
@@ -157,10 +159,12 @@ def _rec(method, final, losses, walls, status="ok"):
 def test_time_to_target_is_the_first_evaluation_below_it():
     none = _rec("none", 2.0, [5.0, 2.5, 2.0], [0.0, 4.0, 8.0])
     fast = _rec("nuq4", 2.01, [5.0, 2.02, 2.01], [0.0, 1.0, 2.0])
-    assert report.target_for([none, fast], 0.02, None) == pytest.approx(2.02)
-    assert report.target_for([fast], 0.02, None) is None and report.target_for([fast], 0.02, 3.0) == 3.0
+    assert report.target_for([none, fast], 0.5, None) == 2.5  # float32's loss at step 10 of 20
+    assert report.target_for([none, fast], 0.51, None) == 2.0
+    assert report.target_for([fast], 0.5, None) is None and report.target_for([fast], 0.5, 3.0) == 3.0
     assert report.reach(fast, 2.02) == (1.0, 10, 1000)
     assert report.reach(none, 2.02) == (8.0, 20, 2000)
+    assert report.reach(none, 2.5) == (4.0, 10, 1000)
     assert report.reach(none, 1.0) == (None, None, None)
 
 
@@ -169,8 +173,19 @@ def test_table_ranks_by_final_loss_and_lists_skipped():
             _rec("qsgd2", 2.3, [5.0, 2.6, 2.3], [0.0, 1.0, 2.0]),
             _rec("nuq4", 1.99, [5.0, 2.02, 1.99], [0.0, 1.0, 2.0]),
             {**_rec("cser", 0, [0], [0]), "status": "unavailable"}]
-    text = report.table(recs, "100mbit", 2, 0.02, None)
+    text = report.table(recs, "100mbit", 2, 0.5, 2.02)
     rows = [line for line in text.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [r.split(" | ")[1] for r in rows] == ["nuq4", "none", "qsgd2"]
     assert "| +0.300 |" in rows[2] and "not reached" in rows[2] and "| 1.0 | 10 |" in rows[0]
     assert "Not run: cser (absent)" in text
+
+
+def test_seed_spread_pairs_each_method_with_float32_of_its_seed():
+    main = [_rec("none", 2.0, [5.0, 2.0], [0.0, 1.0]), _rec("nuq4", 2.1, [5.0, 2.1], [0.0, 1.0])]
+    rep = [{**_rec(m, v, [5.0, v], [0.0, 1.0]), "config": {**main[0]["config"], "seed": 1}}
+           for m, v in (("none", 2.03), ("nuq4", 2.08))]
+    main[0]["config"]["seed"] = 0
+    text = report.spread(main, [rep])
+    assert "seeds: 0, 1" in text
+    assert "| 100mbit | 2 | nuq4 | 2.1000 / 2.0800 | +0.1000 / +0.0500 | +0.0750 | 0.0500 |" in text
+    assert "| 100mbit | 2 | none | 2.0000 / 2.0300 | +0.0000 / +0.0000 | +0.0000 | 0.0000 |" in text
