@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
             plot(records, rate, n, path)
             parts.append(f"![{rate}, N = {n}]({path.rsplit('/', 1)[-1]})\n")
     if args.replicates:
-        parts.append(spread(records, [load(p) for p in args.replicates]))
+        parts.append(spread(records, [load(p) for p in args.replicates]) +
+                     f"\nReplicates read from {', '.join(args.replicates)} (same task, other --seed).\n")
     text = "\n".join(parts)
     if args.md:
         with open(args.md, "w") as f:
