@@ -94,7 +94,7 @@ def run_method(method: registry.Method, hvd, nuq, torch, corpus: task.Corpus, ev
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
     numel = sum(p.numel() for p in model.parameters())
     tag = method.name.replace("+", "_")
-    ctx = registry.Context(hvd=hvd, nuq=nuq, numel=numel, seed=args.seed,
+    ctx = registry.Context(hvd=hvd, nuq=nuq, numel=numel, seed=args.seed, steps=args.steps,
                            named_parameters=[(f"{tag}.{n}", p) for n, p in model.named_parameters()],
                            base=lambda: torch.optim.Adam(model.parameters(), lr=args.lr))
     head = {"method": method.name, "family": method.family, "describe": method.describe,

@@ -30,6 +30,7 @@ class Context:
     base: Callable[[], Any]
     numel: int
     seed: int
+    steps: int  # the run's optimizer steps (Local SGD's schedule spans them)
 
 
 @dataclass
@@ -92,16 +93,18 @@ def _error_feedback(scheme: str, bits: int) -> Callable[[Context], Built]:
     return build
 
 
-def _wrapper(cls_name: str, scheme: str | None, bits: int, local_models: bool) -> Callable[[Context], Built]:
+def _wrapper(cls_name: str, scheme: str | None, bits: int, **options: Any) -> Callable[[Context], Built]:
     """An optimizer wrapper of horovod_nuq.torch (CSER, LocalSGD) at its default schedule,
-    communicating through `scheme` at `bits` (None: uncompressed float32)."""
+    communicating through `scheme` at `bits` (None: uncompressed float32). `options` name
+    Context fields passed as keywords (Local SGD's schedule needs the run's total_steps)."""
     def build(ctx: Context) -> Built:
         cls = getattr(ctx.nuq, cls_name, None)
         if cls is None:
             raise Unavailable(f"horovod_nuq.torch.{cls_name} is not available on this checkout")
         comp = ctx.nuq.COMPRESSORS[scheme](bits=bits, seed=ctx.seed) if scheme else None
-        opt = cls(ctx.base(), named_parameters=ctx.named_parameters, compression=comp)
-        return Built(opt, comp, None, local_models=local_models)
+        opt = cls(ctx.base(), named_parameters=ctx.named_parameters, compression=comp,
+                  **{k: getattr(ctx, field) for k, field in options.items()})
+        return Built(opt, comp, None, local_models=True)
     return build
 
 
@@ -114,9 +117,10 @@ def _methods() -> dict[str, Method]:
     out += [Method("tnq4+ef", "error feedback", "tnq 4-bit + error feedback", _error_feedback("tnq", 4))]
     out += [Method(f"{s}2+ef", "error feedback", f"{s} 2-bit + error feedback", _error_feedback(s, 2))
             for s in SCHEMES]
-    out += [Method("cser", "optimizer", "CSER (Xie et al. 2020), nuq 2-bit", _wrapper("CSER", "nuq", 2, True)),
+    out += [Method("cser", "optimizer", "CSER (Xie et al. 2020): nuq 2-bit updates, full resets",
+                   _wrapper("CSER", "nuq", 2)),
             Method("localsgd", "optimizer", "Local SGD, growing intervals (Spiridonoff et al. 2021), float32",
-                   _wrapper("LocalSGD", None, 32, True))]
+                   _wrapper("LocalSGD", None, 32, total_steps="steps"))]
     return {m.name: m for m in out}
 
 

@@ -85,7 +85,7 @@ def _ctx(nuq):
     hvd = types.SimpleNamespace(DistributedOptimizer=lambda opt, named_parameters, compression: (
         "hvd", opt, named_parameters, compression), Compression=types.SimpleNamespace(none="NONE", fp16="FP16"))
     return registry.Context(hvd=hvd, nuq=nuq, named_parameters=[("p", p)],
-                            base=lambda: torch.optim.SGD([p], lr=0.1), numel=3, seed=7)
+                            base=lambda: torch.optim.SGD([p], lr=0.1), numel=3, seed=7, steps=40)
 
 
 def test_registry_covers_the_issue_list():
@@ -124,13 +124,13 @@ def test_missing_apis_are_reported_not_crashed():
 
 
 def test_wrappers_are_called_with_the_agreed_api():
-    """CSER / LocalSGD(optimizer, named_parameters=..., compression=...), as the lead specified."""
+    """CSER / LocalSGD(optimizer, named_parameters=..., compression=...[, total_steps=...])."""
     import horovod_nuq
     calls = {}
 
     def fake(name):
-        def cls(optimizer, named_parameters, compression):
-            calls[name] = (optimizer, named_parameters, compression)
+        def cls(optimizer, named_parameters, compression, **options):
+            calls[name] = (optimizer, named_parameters, compression, options)
             return name
         return cls
 
@@ -140,6 +140,7 @@ def test_wrappers_are_called_with_the_agreed_api():
     assert calls["cser"][2] is built.compressor and built.compressor.scheme.code_bits == 2
     built = registry.METHODS["localsgd"].build(_ctx(nuq))
     assert built.compressor is None and calls["lsgd"][2] is None and calls["lsgd"][1][0][0] == "p"
+    assert calls["lsgd"][3] == {"total_steps": 40} and calls["cser"][3] == {}  # the run's length
 
 
 # ---- report --------------------------------------------------------------------------------
