@@ -104,7 +104,8 @@ def run_method(method: registry.Method, hvd, nuq, torch, corpus: task.Corpus, ev
     except registry.Unavailable as exc:
         return {**head, "status": "unavailable", "reason": str(exc)}
     comp, opt = built.compressor, built.optimizer
-    protocol = comp.protocol_for(size) if comp is not None else "allreduce"
+    protocol = (comp.protocol_for(size) if comp is not None else
+                "allreduce" if built.fixed_bytes_per_step is not None else "-")
     batches = task.Batches(task.shard(corpus.train, rank, size), args.batch, args.context,
                            seed=args.seed * 1000 + rank)
     series = {k: [] for k in ("step", "train_loss", "wall_s", "bytes", "lo_bytes")}

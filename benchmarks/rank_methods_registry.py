@@ -104,7 +104,9 @@ def _wrapper(cls_name: str, scheme: str | None, bits: int, **options: Any) -> Ca
         comp = ctx.nuq.COMPRESSORS[scheme](bits=bits, seed=ctx.seed) if scheme else None
         opt = cls(ctx.base(), named_parameters=ctx.named_parameters, compression=comp,
                   **{k: getattr(ctx, field) for k, field in options.items()})
-        return Built(opt, comp, None, local_models=True)
+        # no byte count: CSER's resets and Local SGD's averages also travel uncompressed
+        # (hvd.Compression.none), which counts nothing; the shaped link's counter has them all
+        return Built(opt, None, None, local_models=True)
     return build
 
 

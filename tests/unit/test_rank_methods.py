@@ -137,7 +137,7 @@ def test_wrappers_are_called_with_the_agreed_api():
     nuq = types.SimpleNamespace(COMPRESSORS=horovod_nuq.COMPRESSORS, CSER=fake("cser"), LocalSGD=fake("lsgd"))
     built = registry.METHODS["cser"].build(_ctx(nuq))
     assert built.optimizer == "cser" and built.local_models
-    assert calls["cser"][2] is built.compressor and built.compressor.scheme.code_bits == 2
+    assert calls["cser"][2].scheme.code_bits == 2 and built.compressor is None  # resets are not counted
     built = registry.METHODS["localsgd"].build(_ctx(nuq))
     assert built.compressor is None and calls["lsgd"][2] is None and calls["lsgd"][1][0][0] == "p"
     assert calls["lsgd"][3] == {"total_steps": 40} and calls["cser"][3] == {}  # the run's length
