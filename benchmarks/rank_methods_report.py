@@ -92,7 +92,8 @@ def table(records: list[dict], rate: str, n: int, frac: float, fixed: float | No
         dv = f"{r['final_val'] - base['final_val']:+.3f}" if base else "n/a"
         speed = f"{base['s_per_step'] / r['s_per_step']:.2f}x" if base else "n/a"
         out.append(f"| {i} | {r['method']} | {r['protocol']} | {r['final_val']:.4f} | {dv} "
-                   f"| {_fmt(b and b / 1e6, '.3f')} MB | {_fmt(b and b * r['steps'] / 1e6, '.1f')} "
+                   f"| {_fmt(b and b / 1e6, '.3f')}{' MB' if b is not None else ''} "
+                   f"| {_fmt(b and b * r['steps'] / 1e6, '.1f')} "
                    f"| {_fmt(lo and lo / 1e6, '.2f')} | {r['s_per_step']:.3f} | {speed} "
                    f"| {_fmt(t, '.1f', 'not reached')} | {_fmt(step, 'd', '-')} "
                    f"| {'yes' if r['models_agree'] else 'no'} |")
