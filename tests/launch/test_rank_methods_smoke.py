@@ -42,6 +42,19 @@ def test_smoke_run_records_every_method_and_reports(tmp_path):
         assert r["s_per_step"] > 0 and r["series"]["wall_s"] == sorted(r["series"]["wall_s"])
         if not r["local_models"]:
             assert r["models_agree"], name  # synchronous methods: identical weights on every rank
+    # the logged step-0 validation loss is the seeded model's loss over all held-out windows
+    # (each rank scored its share; the shares were summed over the ranks)
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import charlm_task as task
+    import rank_methods as rm
+    cfg = ran["none"]["config"]
+    assert {k: cfg[k] for k in rm.SMOKE if k != "methods"} == {k: v for k, v in rm.SMOKE.items() if k != "methods"}
+    torch.manual_seed(cfg["seed"])
+    model = task.build_model(cfg["arch"], cfg["dim"], cfg["hidden"], cfg["layers"], cfg["heads"], cfg["context"])
+    with torch.no_grad():
+        expect = float(model.loss(*task.val_windows(task.load_corpus().val, cfg["val_windows"], cfg["context"])))
+    assert ran["none"]["val"]["loss"][0] == pytest.approx(expect, abs=1e-5)
     # float32 and float16 start from the same broadcast weights and batches: nearly the same losses
     assert abs(ran["none"]["final_val"] - ran["fp16"]["final_val"]) < 0.01
     assert ran["none"]["val"]["loss"][0] == ran["qsgd2"]["val"]["loss"][0]
