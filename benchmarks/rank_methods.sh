@@ -12,7 +12,8 @@
 # Knobs (defaults in brackets): RATES ["100mbit"] ("unshaped" for none), NPS ["2 4"],
 # METHODS [all of rank_methods_registry.METHODS], RESULTS [benchmarks/results/rank_methods]
 # (writes .jsonl, .md and _<rate>_N<n>.png), APPEND [0] (1: keep the existing .jsonl; the report
-# keeps the newest record per method, N and rate), OPS, QUEUE, HOROVOD_CYCLE_TIME,
+# keeps the newest record per method, N and rate), REPLICATES [""] (.jsonl files of the same
+# sweep with other --seed: the report adds a seed-spread table), OPS, QUEUE, HOROVOD_CYCLE_TIME,
 # HOROVOD_FUSION_THRESHOLD (see shaped_link.sh). Extra arguments go to rank_methods.py.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -51,5 +52,8 @@ for rate in $RATES; do
 done
 tc qdisc del dev lo root 2>/dev/null || true
 
-python benchmarks/rank_methods_report.py "$RESULTS.jsonl" --md "$RESULTS.md" --plots "$RESULTS" \
+replicates=()
+# shellcheck disable=SC2206
+[[ -n "${REPLICATES:-}" ]] && replicates=(--replicates $REPLICATES)
+python benchmarks/rank_methods_report.py "$RESULTS.jsonl" --md "$RESULTS.md" --plots "$RESULTS" "${replicates[@]}" \
     --command "RATES=\"$RATES\" NPS=\"$NPS\"${METHODS:+ METHODS=\"$METHODS\"} bash benchmarks/rank_methods.sh $*"
