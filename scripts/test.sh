@@ -11,7 +11,7 @@ RANKS=${HOROVOD_NUQ_TEST_RANKS:-"2 4"}
 status=0
 
 echo "== ruff"
-ruff check horovod_nuq tests examples scripts || status=1
+ruff check horovod_nuq tests examples scripts benchmarks || status=1
 
 echo "== unit and launcher tests (single process)"
 python -m pytest tests/unit tests/launch -q -p no:cacheprovider --junitxml="$REPORTS/unit.xml" "$@" || status=1
