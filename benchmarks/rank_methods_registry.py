@@ -77,12 +77,13 @@ def _scheme(scheme: str, bits: int) -> Callable[[Context], Built]:
     return build
 
 
-def _error_feedback(scheme: str, bits: int) -> Callable[[Context], Built]:
+def _error_feedback(scheme: str, bits: int, gamma: bool | float = True) -> Callable[[Context], Built]:
     """The compressor with error feedback (EF-SGD, Karimireddy et al. 2019): horovod_nuq's
-    optimizer, which knows each gradient's parameter (the residual is kept per parameter)."""
+    optimizer, which knows each gradient's parameter (the residual is kept per parameter).
+    gamma: True, the package's contraction-safe default 1/(1 + omega); a float, that gamma."""
     def build(ctx: Context) -> Built:
         try:
-            comp = ctx.nuq.COMPRESSORS[scheme](bits=bits, seed=ctx.seed, error_feedback=True)
+            comp = ctx.nuq.COMPRESSORS[scheme](bits=bits, seed=ctx.seed, error_feedback=gamma)
         except TypeError as exc:
             if "error_feedback" not in str(exc):
                 raise
@@ -119,6 +120,10 @@ def _methods() -> dict[str, Method]:
     out += [Method("tnq4+ef", "error feedback", "tnq 4-bit + error feedback", _error_feedback("tnq", 4))]
     out += [Method(f"{s}2+ef", "error feedback", f"{s} 2-bit + error feedback", _error_feedback(s, 2))
             for s in SCHEMES]
+    out += [Method("nuq4+ef", "error feedback", "nuq 4-bit + error feedback (omega < 1: gamma = 1)",
+                   _error_feedback("nuq", 4)),
+            Method("qsgdinf2+ef1", "error feedback", "qsgdinf 2-bit + error feedback with gamma = 1 "
+                   "(no contraction guarantee)", _error_feedback("qsgdinf", 2, 1.0))]
     out += [Method("cser", "optimizer", "CSER (Xie et al. 2020): nuq 2-bit updates, full resets",
                    _wrapper("CSER", "nuq", 2)),
             Method("localsgd", "optimizer", "Local SGD, growing intervals (Spiridonoff et al. 2021), float32",
