@@ -11,8 +11,13 @@ import torch
 
 import horovod_nuq.torch as nuq
 
-SCHEMES = [nuq.QSGDCompressor, nuq.QSGDInfCompressor, nuq.NUQCompressor, nuq.TNQCompressor,
-           nuq.GlobalQSGDCompressor]
+# (label, factory, protocols): every compressor of the package, Elias-coded QSGD and HSQ included
+SCHEMES = [(cls.__name__, cls, ("allreduce", "allgather")) for cls in
+           (nuq.QSGDCompressor, nuq.QSGDInfCompressor, nuq.NUQCompressor, nuq.TNQCompressor)]
+SCHEMES += [("GlobalQSGDCompressor", nuq.GlobalQSGDCompressor, ("allreduce",)),
+            ("QSGD(levels=1, elias)", lambda **k: nuq.QSGDCompressor(levels=1, encoding="elias", **k),
+             ("allgather",)),
+            ("HSQCompressor", nuq.HSQCompressor, ("allgather",))]
 
 
 def reduce(comp, g: torch.Tensor) -> torch.Tensor:
@@ -29,15 +34,13 @@ def main() -> None:
     g = torch.randn(d, generator=gen) * torch.rand(d, generator=gen) ** 4  # heavy-ish tails
     exact = hvd.allreduce(g.double(), op=hvd.Average)
     rows = []
-    for cls in SCHEMES:
-        for protocol in ("allreduce", "allgather"):
-            if protocol == "allgather" and cls is nuq.GlobalQSGDCompressor:
-                continue
-            comp = cls(seed=0, protocol=protocol)
+    for label, make, protocols in SCHEMES:
+        for protocol in protocols:
+            comp = make(seed=0, protocol=protocol)
             out = reduce(comp, g)
             err = float((out.double() - exact).norm() / exact.norm())
             same = hvd.allgather(out.view(1, -1)).unique(dim=0).shape[0] == 1
-            rows.append((cls.__name__, protocol, 8 * comp.stats.total_bytes / d, err, same))
+            rows.append((label, protocol, 8 * comp.stats.total_bytes / d, err, same))
     if hvd.rank() == 0:
         print(f"{hvd.size()} ranks, {d} float32 coordinates each (float32 = 32 bits, float16 = 16 bits)")
         print(f"{'compressor':22s} {'protocol':10s} {'bits/coord':>10s} {'rel. error':>10s}  identical on all ranks")
