@@ -286,21 +286,25 @@ GlobalQSGDCompressor = _compressor("GlobalQSGDCompressor", "globalqsgd",
 
 class HSQCompressor(Compressor):
     """HSQ, hyper-sphere quantization (arXiv 1911.04655; horovod_nuq/hsq.py): each chunk of
-    `dim` coordinates as a float32 scalar and the index of one of `codebook_size` unit
-    codewords (ceil(log2 K) bits), 2.5 bits per coordinate at the defaults (K = 256, dim = 16).
+    `dim` coordinates as a scalar and the index of one of `codebook_size` unit codewords
+    (ceil(log2 K) bits). The scalars take `scalar_bits` bits each (the authors' 6 by default:
+    min-max levels per tensor, unbiased stochastic rounding, hsq_scalar.py), 0.875 bits per
+    coordinate at the defaults (K = 256, dim = 16); `scalar_bits=32` sends float32 scalars
+    (2.5 bits per coordinate).
 
-    Biased (the nearest codeword, no randomness): pair it with error feedback
-    (`error_feedback=True`). Allgather
-    protocol only ("auto" picks it; "allreduce" is refused): indices do not sum. The codebook
-    is rebuilt on every rank from `codebook_seed`, never sent. `seed` is accepted for a
-    uniform signature and unused (HSQ draws no random numbers); `fused` may be None or False
-    (the encoder is one matrix product, BLAS on the host, the GPU's kernels on a GPU).
+    Biased (the nearest codeword): pair it with error feedback (`error_feedback=True`).
+    Allgather protocol only ("auto" picks it; "allreduce" is refused): indices do not sum.
+    The codebook is rebuilt on every rank from `codebook_seed`, never sent. `seed`:
+    reproducible rounding of the scalars (each rank draws its own stream from (seed, rank));
+    `fused` may be None or False (the encoder is one matrix product, BLAS on the host, the
+    GPU's kernels on a GPU).
     """
 
     scheme_name = "hsq"
     gather_only = True
 
     def __init__(self, codebook_size: int = hsq.DEFAULT_CODEBOOK_SIZE, dim: int = hsq.DEFAULT_DIM, *,
+                 scalar_bits: int = hsq.DEFAULT_SCALAR_BITS,
                  codebook_seed: int = hsq.DEFAULT_CODEBOOK_SEED, protocol: str = "auto",
                  process_set: Any = None, collectives: Any = None, seed: int | None = None,
                  fused: bool | None = None, bits: Any = None, levels: Any = None,
@@ -315,8 +319,8 @@ class HSQCompressor(Compressor):
         if fused:
             raise ValueError("HSQCompressor has no fused kernels (its encoder is a matrix product "
                              "that already runs on BLAS or the GPU): use fused=None or False")
-        self._setup(HSQCodec(hsq.HSQScheme(codebook_size, dim, codebook_seed)), protocol,
-                    process_set, collectives, error_feedback)
+        self._setup(HSQCodec(hsq.HSQScheme(codebook_size, dim, codebook_seed, scalar_bits), seed),
+                    protocol, process_set, collectives, error_feedback)
 
 
 # the public names, as in hvd.Compression.<name> and the examples' --compression

@@ -18,11 +18,15 @@ reachable from this machine; only its abstract was):
   (spherical k-means in float64, `codebook`) and a CRC of the codebook rides in each payload
   header, so ranks whose codebooks differ raise instead of decoding garbage;
 - defaults: chunk length d = 16 and K = 2^8 = 256 codewords, the setting of the
-  authors' README ("Run HSQ(d=16, m=2^8=256, 6bit for norm quantization)"). The authors
-  also quantize the scalars to 6 bits (a stochastic min-max scalar quantizer); here the
-  scalar is sent as float32, 2.5 bits per coordinate at the defaults.
+  authors' README ("Run HSQ(d=16, m=2^8=256, 6bit for norm quantization)");
+- the scalars: as the authors, each tensor's scalars are quantized to `scalar_bits` = 6 bits
+  on evenly spaced levels between their minimum and maximum, with unbiased stochastic
+  rounding (hsq_scalar.py, which cites the lines followed), so a chunk costs 6 + 8 bits:
+  0.875 bits per coordinate at the defaults, the paper's figure. `scalar_bits=32` sends them
+  as float32 instead (2.5 bits per coordinate).
 
-Bias: the encoder is deterministic, so E[Q(v)] = Q(v) != v. The error is exactly
+Bias: the codeword choice is deterministic, so E[Q(v)] = u c_k != v (the stochastic
+rounding of the scalar only adds zero-mean noise around u). The error is exactly
 ||v - Q(v)||^2 = ||v||^2 - (c_k . v)^2 per chunk, and on average Q shrinks v towards its
 codewords. The authors' training uses error feedback (main.py --ef, quantizers/
 ps_quantizer.py: the residual g - Q(g) is added to the next step's gradient); error feedback
@@ -39,13 +43,16 @@ from typing import Any
 
 import numpy as np
 
-from . import wire
+from . import hsq_scalar, wire
 from .backends import Backend
 
 Array = Any
 DEFAULT_CODEBOOK_SIZE = 256  # the authors' README: m = 2^8
 DEFAULT_DIM = 16  # the authors' README: d = 16
 DEFAULT_CODEBOOK_SEED = 808  # the seed of the authors' codebook_generator.py
+DEFAULT_SCALAR_BITS = 6  # the authors' README: "6bit for norm quantization" (--n-bit 6)
+FLOAT_SCALARS = 32  # scalar_bits that sends the scalars as float32
+MAX_SCALAR_BITS = 16  # quantized scalars are packed as indices are, in at most 16 bits
 MAX_CODEBOOK_SIZE = 1 << 16  # indices are packed in at most 16 bits
 KMEANS_ITERATIONS = 20  # as the authors' generator
 KMEANS_POINTS_PER_CODEWORD = 32
@@ -56,11 +63,13 @@ BLOCK_SCORES = 1 << 22
 
 @dataclass(frozen=True)
 class HSQScheme:
-    """HSQ's configuration: codebook size K, chunk length `dim`, and the codebook's seed."""
+    """HSQ's configuration: codebook size K, chunk length `dim`, the codebook's seed, and the
+    bits of each chunk's scalar (1 to 16: quantized per tensor; 32: float32)."""
 
     codebook_size: int = DEFAULT_CODEBOOK_SIZE
     dim: int = DEFAULT_DIM
     codebook_seed: int = DEFAULT_CODEBOOK_SEED
+    scalar_bits: int = DEFAULT_SCALAR_BITS
     name = "hsq"
 
     def __post_init__(self) -> None:
@@ -71,6 +80,12 @@ class HSQScheme:
         if self.codebook_size > MAX_CODEBOOK_SIZE:
             raise ValueError(f"HSQ codebook_size must be at most {MAX_CODEBOOK_SIZE} (indices are "
                              f"packed in 16 bits), got {self.codebook_size}")
+        b = self.scalar_bits
+        if (not isinstance(b, (int, np.integer)) or isinstance(b, bool)
+                or not (1 <= b <= MAX_SCALAR_BITS or b == FLOAT_SCALARS)):
+            raise ValueError(f"HSQ scalar_bits must be an int from 1 to {MAX_SCALAR_BITS} (the "
+                             f"scalars quantized per tensor; the authors use 6) or {FLOAT_SCALARS} "
+                             f"(float32 scalars), got {b!r}")
 
     @property
     def index_bits(self) -> int:
@@ -82,8 +97,14 @@ class HSQScheme:
         """Coordinates per scale (one chunk), as the other schemes call it."""
         return self.dim
 
+    @property
+    def quantized_scalars(self) -> bool:
+        """Whether the scalars are quantized (scalar_bits < 32) rather than sent as float32."""
+        return self.scalar_bits != FLOAT_SCALARS
+
     def describe(self) -> str:
-        return f"hsq, codebook {self.codebook_size} x {self.dim}, seed {self.codebook_seed}"
+        scalars = f"{self.scalar_bits}-bit scalars" if self.quantized_scalars else "float32 scalars"
+        return f"hsq, codebook {self.codebook_size} x {self.dim}, seed {self.codebook_seed}, {scalars}"
 
 
 def n_chunks(numel: int, dim: int) -> int:
@@ -91,9 +112,18 @@ def n_chunks(numel: int, dim: int) -> int:
 
 
 def payload_bytes(scheme: HSQScheme, numel: int) -> int:
-    """One rank's payload: 4-byte settings id, a float32 scalar and a packed index per chunk."""
+    """One rank's payload: 4-byte settings id, the chunks' scalars (`scalar_bytes`) and a
+    packed index per chunk."""
     nc = n_chunks(numel, scheme.dim)
-    return 4 + 4 * nc + wire.packed_code_bytes(nc, scheme.index_bits)
+    return 4 + scalar_bytes(scheme, nc) + wire.packed_code_bytes(nc, scheme.index_bits)
+
+
+def scalar_bytes(scheme: HSQScheme, nc: int) -> int:
+    """Bytes of `nc` scalars: float32 each, or (quantized) the tensor's float32 min and max
+    followed by `scalar_bits`-bit codes packed 8 per `scalar_bits` bytes."""
+    if not scheme.quantized_scalars:
+        return 4 * nc
+    return hsq_scalar.BOUNDS_BYTES + wire.packed_code_bytes(nc, scheme.scalar_bits)
 
 
 # ---- the codebook ----------------------------------------------------------------------
@@ -170,8 +200,9 @@ def decode(xp: Backend, u: Array, k: Array, codewords: Array) -> Array:
 
 
 def pack_indices(xp: Backend, k: Array, bits: int) -> Array:
-    """Indices below 2^bits (bits <= 16) as uint8, `bits` bits each (8 indices -> `bits` bytes).
-    Above 8 bits the low byte of each index is sent whole, the rest packed after it."""
+    """Indices below 2^bits (bits <= 16) as uint8, `bits` bits each (8 indices -> `bits` bytes);
+    the codes of quantized scalars too. Above 8 bits the low byte of each index is sent
+    whole, the rest packed after it."""
     k = xp.reshape(k, [-1])
     if bits <= 8:
         return wire.pack_fields(xp, k, bits)

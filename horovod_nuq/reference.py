@@ -5,6 +5,8 @@ value), so agreement between the two checks the vectorized code.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .schemes import Scheme
@@ -65,24 +67,56 @@ def _buckets(v: np.ndarray, size: int) -> list[np.ndarray]:
     return [flat[i: i + size] for i in range(0, flat.size, size)]
 
 
-def hsq(v: np.ndarray, codebook: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+class HSQOracle(NamedTuple):
+    """reference.hsq's answer, per chunk where not said otherwise."""
+
+    q: np.ndarray  # Q(v), flattened to v's length
+    idx: np.ndarray  # codeword indices k
+    u: np.ndarray  # projections c_k . x, before any scalar quantization
+    gap: np.ndarray  # best minus second-best |c . x|: near ties float32 may break otherwise
+    sent: np.ndarray  # the scalars decoded: u itself, or u rounded onto the min-max grid
+    margin: np.ndarray  # |uniform - fraction| of the stochastic rounding (inf: no rounding)
+
+
+def hsq(v: np.ndarray, codebook: np.ndarray, dim: int, scalar_bits: int = 32,
+        uniforms: np.ndarray | None = None) -> HSQOracle:
     """HSQ (arXiv 1911.04655; the authors' nearest_neighbor_compressor.py), chunk by chunk in
     float64: for each chunk x of `dim` coordinates (the tail zero padded) the codeword c_k with
-    the largest |c_k . x|, sent as k and u = c_k . x, decoded as u c_k.
-
-    Returns (Q(v) flattened to v's length, indices, scalars u, and per chunk the gap between
-    the best and second-best |c . x|, to tell near ties whose float32 argmax may differ)."""
+    the largest |c_k . x|, sent as k and u = c_k . x, decoded as u c_k. With scalar_bits < 32
+    the scalars u of the whole tensor are sent as `hsq_scalars` rounds them with `uniforms`."""
     c = np.asarray(codebook, dtype=np.float64)
     flat = np.asarray(v, dtype=np.float64).reshape(-1)
     flat = np.concatenate([flat, np.zeros(-len(flat) % dim or (dim if len(flat) == 0 else 0))])
-    out, idx, us, gaps = [], [], [], []
+    idx, us, gaps = [], [], []
     for x in flat.reshape(-1, dim):
         scores = np.array([np.dot(ci, x) for ci in c])
         order = np.argsort(-np.abs(scores), kind="stable")
         k = int(order[0])
-        out.append(scores[k] * c[k])
         idx.append(k)
         us.append(scores[k])
         gaps.append(abs(scores[k]) - abs(scores[order[1]]))
-    q = np.concatenate(out)[:np.asarray(v).size]
-    return q, np.asarray(idx), np.asarray(us), np.asarray(gaps)
+    us = np.asarray(us)
+    if scalar_bits == 32:
+        sent, margin = us, np.full(us.shape, np.inf)
+    else:
+        sent, _, margin = hsq_scalars(us, scalar_bits, uniforms)
+    q = np.concatenate([s * c[k] for s, k in zip(sent, idx)])[:np.asarray(v).size]
+    return HSQOracle(q, np.asarray(idx), us, np.asarray(gaps), sent, margin)
+
+
+def hsq_scalars(u: np.ndarray, bits: int, uniforms: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The HSQ authors' scalar quantizer (compressors/probabilistic_scalar_compressor.py) on
+    2^bits levels: step = (max u - min u) / (2^bits - 1), x = (u - min u) / step, code =
+    floor(x) + 1 with probability frac(x) (when uniform < frac(x)), decoded min u + code step.
+
+    Returns (decoded scalars, codes, |uniform - frac(x)|: how far each draw is from flipping)."""
+    u = np.asarray(u, np.float64)
+    r = np.asarray(uniforms, np.float64).reshape(u.shape)
+    lo, hi = u.min(), u.max()
+    step = (hi - lo) / ((1 << bits) - 1)
+    if step == 0:
+        return np.full(u.shape, lo), np.zeros(u.shape, np.int64), np.full(u.shape, np.inf)
+    x = np.minimum((u - lo) / step, (1 << bits) - 1)
+    frac = x - np.floor(x)
+    codes = (np.floor(x) + (r < frac)).astype(np.int64)
+    return lo + codes * step, codes, np.abs(r - frac)

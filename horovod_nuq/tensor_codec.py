@@ -109,12 +109,7 @@ class TensorCodec:
     def draws(self, coll: Any) -> _Draws:
         """This rank's random stream, drawn from (seed, rank); made anew if the rank changes
         (elastic Horovod), so that ranks' streams stay independent."""
-        rank = coll.rank()
-        if self._draws is None or self._draws.rank != rank:
-            entropy = [self.seed] if self.seed is not None else [int.from_bytes(os.urandom(8), "little")]
-            generation = 0 if self._draws is None else self._draws.generation + 1
-            state = np.random.SeedSequence(entropy + [rank, generation]).generate_state(1, np.uint64)[0]
-            self._draws = _Draws(int(state >> np.uint64(1)), coll, rank, generation)
+        self._draws = rank_draws(self.seed, self._draws, coll)
         return self._draws
 
     # ---- packed codes (per-worker form) ------------------------------------------------
@@ -206,6 +201,18 @@ def frontend(tensor: Any) -> Backend:
             f"horovod_nuq quantizes floating-point gradients (float16, bfloat16, float32, "
             f"float64); got {xp.dtype_name(tensor)}. Reduce integer tensors without compression.")
     return xp
+
+
+def rank_draws(seed: int | None, current: _Draws | None, coll: Any) -> _Draws:
+    """`current` if it belongs to this rank, else a new stream drawn from (seed, rank, its
+    generation): each rank's stream independent of the others' (seed None: fresh entropy)."""
+    rank = coll.rank()
+    if current is not None and current.rank == rank:
+        return current
+    entropy = [seed] if seed is not None else [int.from_bytes(os.urandom(8), "little")]
+    generation = 0 if current is None else current.generation + 1
+    state = np.random.SeedSequence(entropy + [rank, generation]).generate_state(1, np.uint64)[0]
+    return _Draws(int(state >> np.uint64(1)), coll, rank, generation)
 
 
 def _cuda() -> Any:

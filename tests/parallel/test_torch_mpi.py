@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from harness import (
+    assert_hsq_average,
     check_near,
     check_unbiased,
     check_variance,
     digest,
     exact_variance_of_average,
-    hsq_oracle_average,
     rank_gradient,
     run_rounds,
 )
@@ -345,23 +345,23 @@ def test_optimizer_reduces_to_the_expected_values(optimizer, options, protocol):
     assert all(not p.grad.any() for p in unused.parameters())
 
 
-@pytest.mark.parametrize("op", [hvd.Average, hvd.Sum], ids=["average", "sum"])
-@pytest.mark.parametrize("optimizer", ["stock", "nuq"])
-def test_hsq_optimizer_decodes_the_ranks_oracle_average(optimizer, op):
-    """HSQ through Horovod's own optimizer (sentinel + gather) and horovod_nuq's (allgather):
-    every rank holds the same gradient, the average (or sum) of the ranks' oracle
-    reconstructions; the bytes sent are the computed payload (plus the sentinel)."""
+@pytest.mark.parametrize("optimizer,op,scalar_bits", [
+    ("stock", hvd.Average, 6), ("stock", hvd.Sum, 6), ("nuq", hvd.Average, 6), ("nuq", hvd.Sum, 6),
+    ("stock", hvd.Average, 32), ("nuq", hvd.Sum, 32)],
+    ids=["stock-average", "stock-sum", "nuq-average", "nuq-sum", "stock-average-float32", "nuq-sum-float32"])
+def test_hsq_optimizer_decodes_the_ranks_oracle_average(optimizer, op, scalar_bits):
+    """HSQ through Horovod's own optimizer (sentinel + gather) and horovod_nuq's (allgather),
+    with the default 6-bit scalars (each rank rounds its own) and float32 ones: every rank
+    holds the same gradient, the average (or sum) of the ranks' oracle reconstructions (to
+    within the scalars' rounding); the bytes sent are the computed payload (plus the sentinel)."""
     factory = hvd.DistributedOptimizer if optimizer == "stock" else nuq.DistributedOptimizer
     w = torch.nn.Parameter(torch.zeros(37, 29))  # 1073 elements: a zero-padded tail chunk
-    comp = nuq.HSQCompressor()
+    comp = nuq.HSQCompressor(scalar_bits=scalar_bits)
     opt = factory(torch.optim.SGD([w], lr=1.0), named_parameters=[("w", w)], compression=comp, op=op)
     grads = [rank_gradient(r, w.numel()) for r in range(N)]
     (w * torch.from_numpy(grads[RANK].reshape(w.shape))).sum().backward()
     opt.synchronize()
-    want, clear = hsq_oracle_average(grads, comp.scheme, 1.0 if op == hvd.Sum else 1.0 / N)
-    got = w.grad.numpy().reshape(-1).astype(np.float64)
-    assert clear.mean() > 0.95
-    np.testing.assert_allclose(got[clear], want[clear], rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert_hsq_average(w.grad.numpy(), grads, comp.scheme, 1.0 if op == hvd.Sum else 1.0 / N)
     assert all_same(w.grad)
     assert comp.stats.total_bytes == comp.payload_bytes(w.numel()) + (24 if optimizer == "stock" else 0)
 
@@ -467,8 +467,7 @@ def test_registered_with_horovod():
     comp = hvd.Compression.hsq  # biased: compared with its oracle, not with the input
     assert isinstance(comp, nuq.HSQCompressor)
     out = hvd.allreduce(torch.arange(6000.0), compression=comp).numpy()
-    want, clear = hsq_oracle_average([np.arange(6000, dtype=np.float32)], comp.scheme, 1.0)
-    np.testing.assert_allclose(out[clear], want[clear], rtol=1e-4, atol=1e-3)
+    assert_hsq_average(out, [np.arange(6000, dtype=np.float32)] * N, comp.scheme, 1.0 / N)
 
 
 @pytest.mark.parametrize("protocol", ["allreduce", "allgather"])
