@@ -26,7 +26,13 @@ class TorchBackend(Backend):
     def pad_to(self, flat, n): return torch.nn.functional.pad(flat, (0, n - flat.numel()))
     def concat(self, xs): return torch.cat(list(xs))
     def split(self, x, sizes): return list(torch.split(x, list(sizes)))
-    def bitcast(self, x, dtype): return x.contiguous().view(_DTYPES[dtype]).reshape(-1)
+    def bitcast(self, x, dtype):
+        """Reinterpret the bytes; a slice that starts off the new element size's alignment
+        (a rank's part of a gathered payload of odd length) is copied first, as view needs."""
+        x, to = x.contiguous(), _DTYPES[dtype]
+        if (x.storage_offset() * x.element_size()) % torch.empty((), dtype=to).element_size():
+            x = x.clone()
+        return x.view(to).reshape(-1)
     def constant(self, value, like): return torch.from_numpy(np.ascontiguousarray(value)).to(like.device)
     def device_key(self, x): return x.device
     def abs(self, x): return x.abs()

@@ -9,6 +9,7 @@ from _helpers import FRAMEWORKS, framework, to_fw, to_np
 
 import horovod_nuq as H
 from horovod_nuq import collectives, hsq, reference, wire
+from horovod_nuq.backends import backend_for
 from horovod_nuq.hsq_codec import HSQCodec
 
 SETTINGS = [(256, 16), (64, 8), (300, 8), (16, 16), (200, 12)]  # (K, dim); 300: 9-bit indices
@@ -53,7 +54,8 @@ class GatheringRank(collectives.LocalCollectives):
         return name
 
     def wait(self, handle):
-        return np.concatenate([self.world[handle][i] for i in range(self._ranks)])
+        parts = [self.world[handle][i] for i in range(self._ranks)]
+        return backend_for(parts[0]).concat(parts)  # in the payloads' framework
 
 
 def _gradient(n: int, seed: int) -> np.ndarray:
@@ -241,7 +243,6 @@ def test_index_packing_round_trips(fw, bits):
 
 
 def _xp(fw, a):
-    from horovod_nuq.backends import backend_for
     t = to_fw(fw, a)
     return backend_for(t), t
 
@@ -361,19 +362,21 @@ def test_registered_name():
 
 # ---- simulated ranks through the sentinel transport --------------------------------------
 @pytest.mark.parametrize("fw", FRAMEWORKS)
-@pytest.mark.parametrize("ranks,scalar_bits", [(2, 6), (4, 6), (2, 32)])
-def test_sentinel_transport_decodes_the_average_of_the_oracle(fw, ranks, scalar_bits):
+@pytest.mark.parametrize("ranks,k,scalar_bits,numel", [(2, 256, 6, 900), (4, 256, 6, 900), (2, 256, 32, 900),
+                                                       (2, 256, 6, 1073), (2, 300, 32, 1073)])
+def test_sentinel_transport_decodes_the_average_of_the_oracle(fw, ranks, k, scalar_bits, numel):
     """Each rank compresses its own gradient (rounding its scalars with its own uniforms);
     Horovod averages the sentinels; every rank decodes the same tensor, the average of the
-    ranks' oracle reconstructions."""
+    ranks' oracle reconstructions. 1073 elements: rank payloads of a length that is no
+    multiple of 4 (138 and 357 bytes), so later ranks' float32 fields start unaligned."""
     framework(fw)
     world = {}
-    comps = [H.HSQCompressor(scalar_bits=scalar_bits, collectives=GatheringRank(i, ranks, world))
+    comps = [H.HSQCompressor(k, scalar_bits=scalar_bits, collectives=GatheringRank(i, ranks, world))
              for i in range(ranks)]
-    draws = [np.random.default_rng(50 + i).random(hsq.n_chunks(900, 16), dtype=np.float32) for i in range(ranks)]
+    draws = [np.random.default_rng(50 + i).random(hsq.n_chunks(numel, 16), dtype=np.float32) for i in range(ranks)]
     for c, d in zip(comps, draws):
         _fix_draws(c.codec, d)
-    xs = [_gradient(900, i) for i in range(ranks)]
+    xs = [_gradient(numel, i) for i in range(ranks)]
     sent = [c.compress(to_fw(fw, x)) for c, x in zip(comps, xs)]
     reduced = np.mean([to_np(s) for s, _ in sent], axis=0)
     outs = [to_np(c.decompress(to_fw(fw, reduced), ctx)) for c, (_, ctx) in zip(comps, sent)]
@@ -381,7 +384,7 @@ def test_sentinel_transport_decodes_the_average_of_the_oracle(fw, ranks, scalar_
         assert o.tobytes() == outs[0].tobytes()
     want = np.mean([_oracle(x, comps[0].scheme, d).q for x, d in zip(xs, draws)], axis=0)
     np.testing.assert_allclose(outs[0], want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
-    assert comps[0].stats.total_bytes == comps[0].payload_bytes(900) + 24  # payload + sentinel
+    assert comps[0].stats.total_bytes == comps[0].payload_bytes(numel) + 24  # payload + sentinel
 
 
 # ---- bias ----------------------------------------------------------------------------------
@@ -467,8 +470,9 @@ def test_constant_and_non_finite_tensors(fw):
     for x in (np.zeros(100, np.float32), np.tile(hsq.codebook(256, 16, 808)[3] * 2.5, 8)):
         out = to_np(comp.decompress_gathered(*comp.compress_for_allgather(to_fw(fw, x))))
         np.testing.assert_allclose(out, x, rtol=1e-6, atol=1e-6)
-    x = _gradient(100, 1)
-    x[37] = np.inf
-    with np.errstate(invalid="ignore"):  # NumPy warns of the inf * 0 that makes the NaN
-        out = to_np(comp.decompress_gathered(*comp.compress_for_allgather(to_fw(fw, x))))
-    assert out.shape == (100,) and not np.isfinite(out).any()
+    for bad in (np.inf, -np.inf, np.nan):
+        x = _gradient(100, 1)
+        x[37] = bad
+        with np.errstate(invalid="ignore"):  # NumPy warns of the inf * 0 that makes the NaN
+            out = to_np(comp.decompress_gathered(*comp.compress_for_allgather(to_fw(fw, x))))
+        assert out.shape == (100,) and not np.isfinite(out).any(), bad
