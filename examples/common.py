@@ -148,8 +148,10 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int):
 
 
 # ---- compression -------------------------------------------------------------------------
-def make_compression(args: argparse.Namespace, hvd: Any) -> Any:
-    """hvd.Compression.none/fp16 of the given Horovod frontend, or a horovod_nuq compressor."""
+def make_compression(args: argparse.Namespace, hvd: Any, names_gradients: bool = False) -> Any:
+    """hvd.Compression.none/fp16 of the given Horovod frontend, or a horovod_nuq compressor.
+    names_gradients: the caller reduces through a wrapper that names each gradient (horovod_nuq's
+    Keras 3 optimizer), which error feedback needs under TensorFlow."""
     if args.compression == "none":
         return hvd.Compression.none
     if args.compression == "fp16":
@@ -160,7 +162,8 @@ def make_compression(args: argparse.Namespace, hvd: Any) -> Any:
     if args.bucket_size is not None:
         kw["bucket_size"] = args.bucket_size
     if args.error_feedback:
-        if hvd.__name__.startswith("horovod.tensorflow") and args.optimizer == "horovod":
+        if hvd.__name__.startswith("horovod.tensorflow") and args.optimizer == "horovod" \
+                and not names_gradients:
             sys.exit("error: --error-feedback with TensorFlow needs --optimizer horovod_nuq: Horovod's "
                      "own tape and tf_keras optimizer do not say which parameter a gradient is")
         kw["error_feedback"] = True
