@@ -44,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = ["none", "fp16", "nuq/auto", "nuq/stock", "qsgd/stock", "nuq/stock-allreduce",
            "qsgd/stock-allreduce", "qsgd/allreduce", "qsgdinf/allreduce", "nuq/allreduce", "tnq/allreduce",
            "globalqsgd/allreduce", "qsgd/allgather", "qsgdinf/allgather", "nuq/allgather",
-           "tnq/allgather", "qsgd-elias/stock", "qsgd-elias/allgather"]
+           "tnq/allgather", "qsgd-elias/stock", "qsgd-elias/allgather", "hsq/stock"]
 
 
 # ---- model and step ------------------------------------------------------------------------
@@ -99,8 +99,11 @@ def make_compression(name: str, hvd, nuq, clock: Clock, bits, engine: str):
     elias = scheme.endswith("-elias")  # QSGD's Elias-coded payload (gathered, as auto picks)
     cls = nuq.COMPRESSORS[scheme.removesuffix("-elias")]
     chosen = {"stock": "auto", "stock-allreduce": "allreduce"}.get(protocol, protocol)
-    comp = cls(bits=bits, protocol=chosen, **({"fused": False} if engine == "generic" else {}),
-               **({"encoding": "elias"} if elias else {}))
+    if cls.gather_only:  # HSQ: sized by codebook and chunk length, not bits; no fused kernels
+        comp = cls(protocol=chosen)
+    else:
+        comp = cls(bits=bits, protocol=chosen, **({"fused": False} if engine == "generic" else {}),
+                   **({"encoding": "elias"} if elias else {}))
     if protocol == "stock":
         protocol = f"stock hvd optimizer, auto: {comp.protocol_for(hvd.size())}"
     elif protocol == "stock-allreduce":
@@ -206,7 +209,7 @@ def run_config(name: str, torch, hvd, nuq, args, clock: Clock) -> dict:
     if hasattr(comp, "stats"):
         per_step = comp.stats.steps[-steps:]
         sent = sum(per_step) / len(per_step)
-        bits = comp.scheme.code_bits
+        bits = getattr(comp.scheme, "code_bits", None) or round(8 * sent / numel, 2)  # HSQ: measured
     else:
         sent = numel * (4 if name == "none" else 2)
         bits = 32 if name == "none" else 16

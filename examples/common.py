@@ -48,6 +48,10 @@ def build_parser(description: str, *, epochs: int = 15, batch_size: int = 32,
     g.add_argument("--protocol", choices=PROTOCOLS, default="auto",
                    help="allgather: per-rank bit-packed codes; allreduce: summable words on "
                         "agreed scales; auto: whichever moves fewer bytes at this many ranks")
+    g.add_argument("--error-feedback", action="store_true",
+                   help="keep each parameter's compression error and add it to its next gradient "
+                        "(quantizers only; PyTorch: either optimizer; TF/Keras: --optimizer horovod_nuq, "
+                        "since Horovod's own TF tape names no gradient)")
     g.add_argument("--optimizer", choices=("horovod", "horovod_nuq"), default="horovod",
                    help="horovod: Horovod's own DistributedOptimizer/tape with the compressor "
                         "line only; horovod_nuq: horovod_nuq's drop-in with the same signature "
@@ -144,8 +148,10 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int):
 
 
 # ---- compression -------------------------------------------------------------------------
-def make_compression(args: argparse.Namespace, hvd: Any) -> Any:
-    """hvd.Compression.none/fp16 of the given Horovod frontend, or a horovod_nuq compressor."""
+def make_compression(args: argparse.Namespace, hvd: Any, names_gradients: bool = False) -> Any:
+    """hvd.Compression.none/fp16 of the given Horovod frontend, or a horovod_nuq compressor.
+    names_gradients: the caller reduces through a wrapper that names each gradient (horovod_nuq's
+    Keras 3 optimizer), which error feedback needs under TensorFlow."""
     if args.compression == "none":
         return hvd.Compression.none
     if args.compression == "fp16":
@@ -155,6 +161,12 @@ def make_compression(args: argparse.Namespace, hvd: Any) -> Any:
         kw["bits"] = args.bits
     if args.bucket_size is not None:
         kw["bucket_size"] = args.bucket_size
+    if args.error_feedback:
+        if hvd.__name__.startswith("horovod.tensorflow") and args.optimizer == "horovod" \
+                and not names_gradients:
+            sys.exit("error: --error-feedback with TensorFlow needs --optimizer horovod_nuq: Horovod's "
+                     "own tape and tf_keras optimizer do not say which parameter a gradient is")
+        kw["error_feedback"] = True
     try:
         comp = COMPRESSORS[args.compression](**kw)
     except ValueError as e:  # e.g. globalqsgd + allgather, or an unsupported bits value

@@ -117,7 +117,7 @@ def train(args) -> None:
     Xtr, ytr, Xte, yte, n_steps = common.rank_data(rank, size, args.batch_size)
 
     model = digits_model()
-    compression = common.make_compression(args, hvd)
+    compression = common.make_compression(args, hvd, names_gradients=True)
     compile_model(model, args.lr * size, 0.9, compression)
     desc = common.describe_compression(args, compression)
     meter = common.ByteMeter(args.compression, compression, grad_numel(model))
@@ -150,7 +150,7 @@ class Throughput(keras.callbacks.Callback):
 def synthetic(args) -> None:
     rank, size = hvd.rank(), hvd.size()
     model = synthetic_model()
-    compression = common.make_compression(args, hvd)
+    compression = common.make_compression(args, hvd, names_gradients=True)
     compile_model(model, 0.01 * size, 0.0, compression)
     bs = args.synthetic_batch_size
     rng = np.random.default_rng([args.seed, rank])
