@@ -17,7 +17,8 @@ SCHEMES = [(cls.__name__, cls, ("allreduce", "allgather")) for cls in
 SCHEMES += [("GlobalQSGDCompressor", nuq.GlobalQSGDCompressor, ("allreduce",)),
             ("QSGD(levels=1, elias)", lambda **k: nuq.QSGDCompressor(levels=1, encoding="elias", **k),
              ("allgather",)),
-            ("HSQCompressor", nuq.HSQCompressor, ("allgather",))]
+            ("HSQCompressor", nuq.HSQCompressor, ("allgather",)),
+            ("HSQ(scalar_bits=32)", lambda **k: nuq.HSQCompressor(scalar_bits=32, **k), ("allgather",))]
 
 
 def reduce(comp, g: torch.Tensor) -> torch.Tensor:
