@@ -188,6 +188,16 @@ def test_tf_function_encodes_and_decodes_like_eager(scalar_bits):
     np.testing.assert_array_equal(s_graph[:8], s_eager[:8])
     codes = [to_np(hsq.unpack_indices(*_xp("numpy", s[8:]), 6, nc, 64)) for s in (s_graph, s_eager)]
     assert np.abs(codes[0] - codes[1]).max() == 1  # stochastic: some differ, by one level at most
+    # with the same uniforms, the graph's payload is the oracle's (as eagerly, test above)
+    uniforms = np.random.default_rng(8).random(nc, dtype=np.float32)
+    _fix_draws(tc, uniforms)
+    graph_payload = tf.function(lambda t: tc.encode_codes(t)[0])(x).numpy()
+    ref = _oracle(x.numpy(), scheme, uniforms)
+    _, ref_codes, _ = reference.hsq_scalars(ref.u, 6, uniforms)
+    got = to_np(hsq.unpack_indices(*_xp("numpy", _split(graph_payload, scheme, nc)[0][8:]), 6, nc, 64))
+    clear = (ref.gap > 1e-5 * np.abs(ref.u)) & (ref.margin > 2e-4)
+    assert clear.mean() > 0.99
+    np.testing.assert_array_equal(got[clear], ref_codes[clear])
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float64"])
