@@ -43,7 +43,9 @@ def quantize(xp: Backend, u: Array, uniforms: Array, bits: int) -> tuple[Array, 
     scalars. A non-finite scalar makes both bounds NaN, so the whole tensor decodes
     non-finite instead of silently finite (its codes are then 0)."""
     top = np.float32((1 << bits) - 1)
-    poison = xp.row_sum(xp.reshape(u * np.float32(0), [1, -1]))  # [0], or [NaN] if any u is inf/NaN
+    # [0], or [NaN] if any u is inf/NaN. NumPy, torch and TF on CPU already propagate NaN
+    # through max and inf through the decode; this also covers reductions that skip NaN.
+    poison = xp.row_sum(xp.reshape(u * np.float32(0), [1, -1]))
     lo = -xp.max_all(-u) + poison
     hi = xp.max_all(u) + poison
     half_span = hi * np.float32(0.5) - lo * np.float32(0.5)
