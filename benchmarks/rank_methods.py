@@ -6,7 +6,7 @@ on the standard library's source (benchmarks/charlm_task.py), trained once per m
 
 Every method (benchmarks/rank_methods_registry.py) starts from the same seeded weights
 (broadcast from rank 0), sees the same per-rank batch sequence and runs the same number of
-steps with Adam. Per step rank 0 records its training loss, the wall-clock time of the step
+steps with Adam (or plain SGD: --base sgd). Per step rank 0 records its training loss, the wall-clock time of the step
 (ranks are coupled by the collectives), the bytes this rank handed to Horovod (the compressor's
 WireStats; numel * 4 or * 2 for float32 / float16) and, inside the private network namespace of
 rank_methods.sh, the bytes that crossed the shaped loopback (all ranks, /proc/net/dev). Every
@@ -96,7 +96,7 @@ def run_method(method: registry.Method, hvd, nuq, torch, corpus: task.Corpus, ev
     tag = method.name.replace("+", "_")
     ctx = registry.Context(hvd=hvd, nuq=nuq, numel=numel, seed=args.seed, steps=args.steps,
                            named_parameters=[(f"{tag}.{n}", p) for n, p in model.named_parameters()],
-                           base=lambda: torch.optim.Adam(model.parameters(), lr=args.lr))
+                           base=lambda: base_optimizer(torch, model, args))
     head = {"method": method.name, "family": method.family, "describe": method.describe,
             "ranks": size, "rate": args.rate, "rate_bps": parse_rate(args.rate), "numel": numel}
     try:
@@ -170,7 +170,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--heads", type=int, default=4, help="transformer attention heads")
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8, help="windows per rank per step")
-    ap.add_argument("--lr", type=float, default=3e-3, help="Adam's learning rate (all methods, all N)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="the base optimizer's learning rate (all methods, all N)")
+    ap.add_argument("--base", choices=("adam", "sgd"), default="adam",
+                    help="base optimizer: Adam, or plain SGD (the setting of EF-SGD's analysis; try --lr 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rate", default="unshaped", help="label of the link shaping, e.g. 100mbit")
     ap.add_argument("--transport", default="MPI over TCP on lo", help="label for the table")
@@ -195,6 +197,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def base_optimizer(torch, model, args):
+    """The optimizer every method wraps: Adam (default) or plain SGD."""
+    if args.base == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=args.lr)
+    return torch.optim.Adam(model.parameters(), lr=args.lr)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import horovod.torch as hvd
@@ -205,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     hvd.init()
     corpus = task.load_corpus()
     evaluate = Evaluator(hvd, torch, corpus, args)
-    config = {k: getattr(args, k) for k in ("steps", "eval_every", "val_windows", "arch", "dim", "hidden",
+    config = {k: getattr(args, k) for k in ("steps", "base", "eval_every", "val_windows", "arch", "dim", "hidden",
                                             "layers", "heads", "context", "batch", "lr", "seed")}
     meta = {"when": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "transport": args.transport,
             "horovod_nuq": os.path.dirname(os.path.dirname(nuq.__file__)),

@@ -67,23 +67,25 @@ def _horovod(kind: str) -> Callable[[Context], Built]:
     return build
 
 
-def _scheme(scheme: str, bits: int) -> Callable[[Context], Built]:
-    """A horovod_nuq compressor (default protocol "auto") through Horovod's own optimizer."""
+def _scheme(scheme: str, bits: int | None) -> Callable[[Context], Built]:
+    """A horovod_nuq compressor (default protocol "auto") through Horovod's own optimizer
+    (bits None: the compressor's own sizing, e.g. HSQ's codebook and chunk length)."""
     def build(ctx: Context) -> Built:
-        comp = ctx.nuq.COMPRESSORS[scheme](bits=bits, seed=ctx.seed)
+        comp = ctx.nuq.COMPRESSORS[scheme](**({} if bits is None else {"bits": bits}), seed=ctx.seed)
         opt = ctx.hvd.DistributedOptimizer(ctx.base(), named_parameters=ctx.named_parameters,
                                            compression=comp)
         return Built(opt, comp)
     return build
 
 
-def _error_feedback(scheme: str, bits: int, gamma: bool | float = True) -> Callable[[Context], Built]:
+def _error_feedback(scheme: str, bits: int | None, gamma: bool | float = True) -> Callable[[Context], Built]:
     """The compressor with error feedback (EF-SGD, Karimireddy et al. 2019): horovod_nuq's
     optimizer, which knows each gradient's parameter (the residual is kept per parameter).
     gamma: True, the package's contraction-safe default 1/(1 + omega); a float, that gamma."""
     def build(ctx: Context) -> Built:
         try:
-            comp = ctx.nuq.COMPRESSORS[scheme](bits=bits, seed=ctx.seed, error_feedback=gamma)
+            comp = ctx.nuq.COMPRESSORS[scheme](**({} if bits is None else {"bits": bits}), seed=ctx.seed,
+                                               error_feedback=gamma)
         except TypeError as exc:
             if "error_feedback" not in str(exc):
                 raise
@@ -122,6 +124,10 @@ def _methods() -> dict[str, Method]:
             for s in SCHEMES]
     out += [Method("nuq4+ef", "error feedback", "nuq 4-bit + error feedback (omega < 1: gamma = 1)",
                    _error_feedback("nuq", 4)),
+            Method("hsq", "scheme", "HSQ (K 256, dim 16, 6-bit scalars: 0.875 bits), hvd.DistributedOptimizer",
+                   _scheme("hsq", None)),
+            Method("hsq+ef", "error feedback", "HSQ + error feedback (its authors' pairing)",
+                   _error_feedback("hsq", None)),
             Method("qsgdinf2+ef1", "error feedback", "qsgdinf 2-bit + error feedback with gamma = 1 "
                    "(no contraction guarantee)", _error_feedback("qsgdinf", 2, 1.0))]
     out += [Method("cser", "optimizer", "CSER (Xie et al. 2020): nuq 2-bit updates, full resets",

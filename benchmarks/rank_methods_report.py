@@ -77,7 +77,7 @@ def table(records: list[dict], rate: str, n: int, frac: float, fixed: float | No
             f"transformer, dim {cfg['dim']}, {cfg['layers']} blocks, {cfg['heads']} heads")
     out = [f"### {rate}, N = {n} ({first['transport']}; {first['when']})\n",
            (f"{first['numel'] / 1e6:.3f}M parameters ({arch}, context "
-           f"{cfg['context']}), batch {cfg['batch']} windows/rank, {cfg['steps']} steps of Adam "
+           f"{cfg['context']}), batch {cfg['batch']} windows/rank, {cfg['steps']} steps of {'SGD' if cfg.get('base') == 'sgd' else 'Adam'} "
            f"(lr {cfg['lr']}), validation over {cfg['val_windows']} held-out windows every "
            f"{cfg['eval_every']} steps; loss target {tgt}. Machine load average "
            f"{min(r['load_start'] for r in ok):.1f}-{max(r['load_end'] for r in ok):.1f} (shared machine: "
