@@ -115,14 +115,7 @@ class _CSERMixin(wrapping._Wrapped):
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        mine = state_dict.pop(STATE_KEY, None)
-        if mine is None:
-            raise ValueError(f"this state dict has no {STATE_KEY!r} entry: it was not saved by "
-                             "CSER.state_dict(); load it into the wrapped optimizer instead")
-        if mine["settings"] != self._cser_settings:
-            raise ValueError(f"the state dict was saved by {mine['settings']}, this optimizer is "
-                             f"{self._cser_settings}: resume with the same settings")
+        state_dict, mine = wrapping.split_state(state_dict, STATE_KEY, self._cser_settings, "CSER")
         super().load_state_dict(state_dict)
         self._cser_step = int(mine["step"])
         if mine["sync"] is None:

@@ -87,14 +87,7 @@ class _LocalSGDMixin(wrapping._Wrapped):
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        mine = state_dict.pop(STATE_KEY, None)
-        if mine is None:
-            raise ValueError(f"this state dict has no {STATE_KEY!r} entry: it was not saved by "
-                             "LocalSGD.state_dict(); load it into the wrapped optimizer instead")
-        if mine["settings"] != self._lsgd_settings:
-            raise ValueError(f"the state dict was saved by {mine['settings']}, this optimizer is "
-                             f"{self._lsgd_settings}: resume with the same settings")
+        state_dict, mine = wrapping.split_state(state_dict, STATE_KEY, self._lsgd_settings, "LocalSGD")
         super().load_state_dict(state_dict)
         self._lsgd_step, self._lsgd_rounds = int(mine["step"]), int(mine["rounds"])
         self._lsgd_anchor = (None if mine["anchor"] is None else

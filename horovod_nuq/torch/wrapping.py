@@ -114,3 +114,17 @@ def restore_tensors(saved: list, like: list[torch.Tensor], what: str) -> list[to
                              f"{tuple(p.shape)}: load a state dict of the same model")
         out.append(s.detach().to(device=p.device, dtype=p.dtype).clone())
     return out
+
+
+def split_state(state_dict: dict, key: str, settings: str, wrapper: str) -> tuple[dict, dict]:
+    """(the wrapped optimizer's state, this wrapper's entry `key`), refusing a state dict that
+    the wrapper did not save or saved with other settings."""
+    rest = dict(state_dict)
+    mine = rest.pop(key, None)
+    if mine is None:
+        raise ValueError(f"this state dict has no {key!r} entry: it was not saved by "
+                         f"{wrapper}.state_dict(); load it into the wrapped optimizer instead")
+    if mine["settings"] != settings:
+        raise ValueError(f"the state dict was saved by {mine['settings']}, this optimizer is "
+                         f"{settings}: resume with the same settings")
+    return rest, mine

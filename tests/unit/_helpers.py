@@ -183,3 +183,30 @@ class SimulatedRank(collectives.LocalCollectives):
 
     def gather_text(self, text, process_set=None) -> list:
         return [text] * self._ranks if self._texts is None else [text, *self._texts]
+
+
+class GatheringRank(collectives.LocalCollectives):
+    """Rank `rank` of `ranks` whose allgathers are collected in `world` by name and return
+    every rank's payload in rank order (in the payloads' framework) once all have submitted."""
+
+    stable_names = True
+
+    def __init__(self, rank: int, ranks: int, world: dict) -> None:
+        super().__init__()
+        self._rank, self._ranks, self.world = rank, ranks, world
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self, process_set=None) -> int:
+        return self._ranks
+
+    def allgather_async(self, x, name, process_set=None):
+        self.world.setdefault(name, {})[self._rank] = x
+        return name
+
+    def wait(self, handle):
+        parts = self.world[handle]
+        assert len(parts) == self._ranks, f"{handle}: only ranks {sorted(parts)} submitted"
+        ordered = [parts[i] for i in range(self._ranks)]
+        return backend_for(ordered[0]).concat(ordered)

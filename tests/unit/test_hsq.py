@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _helpers import FRAMEWORKS, framework, to_fw, to_np
+from _helpers import FRAMEWORKS, GatheringRank, framework, to_fw, to_np
 
 import horovod_nuq as H
-from horovod_nuq import collectives, hsq, reference, wire
+from horovod_nuq import hsq, reference, wire
 from horovod_nuq.backends import backend_for
 from horovod_nuq.hsq_codec import HSQCodec
 
@@ -31,31 +31,6 @@ class FixedDraws:
 
 def _fix_draws(tc: HSQCodec, uniforms: np.ndarray) -> None:
     tc.draws = lambda coll: FixedDraws(uniforms)
-
-
-class GatheringRank(collectives.LocalCollectives):
-    """Rank `rank` of `ranks` whose allgathers return every rank's payload in rank order once
-    all have submitted (collected in `world` by name)."""
-
-    stable_names = True
-
-    def __init__(self, rank: int, ranks: int, world: dict) -> None:
-        super().__init__()
-        self._rank, self._ranks, self.world = rank, ranks, world
-
-    def rank(self) -> int:
-        return self._rank
-
-    def size(self, process_set=None) -> int:
-        return self._ranks
-
-    def allgather_async(self, x, name, process_set=None):
-        self.world.setdefault(name, {})[self._rank] = x
-        return name
-
-    def wait(self, handle):
-        parts = [self.world[handle][i] for i in range(self._ranks)]
-        return backend_for(parts[0]).concat(parts)  # in the payloads' framework
 
 
 def _gradient(n: int, seed: int) -> np.ndarray:

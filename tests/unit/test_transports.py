@@ -6,39 +6,14 @@ import sys
 
 import numpy as np
 import pytest
+from _helpers import GatheringRank
 
 import horovod_nuq as H
-from horovod_nuq import collectives, wire
-
-
-class SimulatedRank(collectives.LocalCollectives):
-    """Rank `rank` of `ranks`: allgathers are collected in `world` by name and returned, all
-    ranks' payloads in rank order, once every rank has submitted."""
-
-    stable_names = True
-
-    def __init__(self, rank: int, ranks: int, world: dict) -> None:
-        super().__init__()
-        self._rank, self._ranks, self.world = rank, ranks, world
-
-    def rank(self) -> int:
-        return self._rank
-
-    def size(self, process_set=None) -> int:
-        return self._ranks
-
-    def allgather_async(self, x, name, process_set=None):
-        self.world.setdefault(name, {})[self._rank] = x
-        return name
-
-    def wait(self, handle):
-        parts = self.world[handle]
-        assert len(parts) == self._ranks, f"{handle}: only ranks {sorted(parts)} submitted"
-        return np.concatenate([parts[i] for i in range(self._ranks)])
+from horovod_nuq import wire
 
 
 def _ranks(cls, n, world, **kw):
-    return [cls(seed=i, protocol="allgather", collectives=SimulatedRank(i, n, world), **kw) for i in range(n)]
+    return [cls(seed=i, protocol="allgather", collectives=GatheringRank(i, n, world), **kw) for i in range(n)]
 
 
 REDUCTIONS = {"average": lambda s, n: s / n, "sum": lambda s, n: s,
