@@ -28,6 +28,7 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]  # this checkout's horovod_nuq, not
 
 import charlm_task as task
 import rank_methods_registry as registry
+from slow_link import lo_sent, parse_rate
 
 SMOKE = {"dim": 16, "hidden": 32, "layers": 1, "heads": 2, "context": 32, "batch": 4, "steps": 6, "eval_every": 3,
          "val_windows": 8, "methods": ["none", "fp16", "qsgd2", "tnq4", "globalqsgd2", "tnq4+ef", "cser",
@@ -40,21 +41,7 @@ def lo_bytes() -> int | None:
     netns = os.environ.get("SLOW_LINK_NETNS")
     if netns is None or os.readlink("/proc/self/ns/net") != netns:
         return None
-    with open("/proc/self/net/dev") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name.strip() == "lo":
-                return int(rest.split()[8])
-    return None
-
-
-def parse_rate(text: str) -> float | None:
-    """Bits per second of a tc rate label such as 100mbit (None for 'unshaped')."""
-    t = text.lower()
-    for suffix, mult in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
-        if t.endswith(suffix):
-            return float(t[: -len(suffix)]) * mult
-    return None
+    return lo_sent()
 
 
 class Evaluator:

@@ -128,14 +128,19 @@ def engine_of(comp) -> str:
 
 
 # ---- helpers -------------------------------------------------------------------------------
-def lo_bytes() -> int:
-    """Bytes transmitted on this network namespace's loopback (= bytes received on it)."""
+def lo_sent() -> int | None:
+    """Bytes transmitted on this network namespace's loopback (= bytes received on it), or
+    None where there is no lo."""
     with open("/proc/self/net/dev") as f:
         for line in f:
             name, _, rest = line.partition(":")
             if name.strip() == "lo":
                 return int(rest.split()[8])
-    return 0
+    return None
+
+
+def lo_bytes() -> int:
+    return lo_sent() or 0
 
 
 def load_avg() -> str:
